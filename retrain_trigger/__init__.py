@@ -1,0 +1,1 @@
+"""vigil: retrain_trigger step."""

@@ -1,0 +1,145 @@
+"""Configuration: one YAML file, validated by pydantic; environment variables override (prefix ``VIGIL_``).
+
+Relative paths in the file are resolved against the file's own directory, so ``examples/vigil.yaml`` works from
+any working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+DEFAULT_CONFIG = EXAMPLES_DIR / "vigil.yaml"
+
+
+class CodeRef(BaseModel):
+    system: str
+    code: str
+    display: str | None = None
+
+
+class OutcomeConfig(BaseModel):
+    """A computable outcome definition (versioned; recorded with every case)."""
+
+    id: str
+    version: int = 1
+    kind: Literal["code_set", "lab_rise"]
+    codes: list[CodeRef] = Field(default_factory=list, description="code_set: standard concepts that count")
+    analyte: CodeRef | None = Field(None, description="lab_rise: the LOINC code of the analyte")
+    unit: str | None = Field(None, description="lab_rise: canonical UCUM unit, e.g. mg/dL")
+    absolute_rise: float | None = Field(None, description="lab_rise: rise over baseline that counts (KDIGO 0.3)")
+    relative_rise: float | None = Field(None, description="lab_rise: ratio to baseline that counts (KDIGO 1.5)")
+    baseline_lookback: timedelta = Field(timedelta(hours=24), description="lab_rise: how far back a baseline may be")
+
+    @property
+    def ref(self) -> str:
+        return f"{self.id}@{self.version}"
+
+
+class ModelConfig(BaseModel):
+    id: str
+    name: str
+    threshold: float = Field(..., ge=0, le=1, description="operating threshold: decision = score >= threshold")
+    label_window: timedelta = Field(..., description="outcomes count if they occur within this after the prediction")
+    label_grace: timedelta = Field(timedelta(0), description="how long after the window closes late outcomes may arrive")
+    outcome: OutcomeConfig
+    claims: dict[str, float] = Field(default_factory=dict, description="labeled performance, e.g. sensitivity: 0.85")
+    pccp: Path | None = None
+
+
+class SubgroupConfig(BaseModel):
+    attributes: list[str] = ["sex", "age_band", "race", "ethnicity", "scanner"]
+    age_bands: list[int] = Field([18, 50, 65, 80], description="lower bounds of the age bands, ascending")
+    intersections: list[list[str]] = Field(default_factory=list)
+    min_n: int = Field(30, description="cells with fewer baseline events are reported as insufficient data")
+
+
+class BudgetConfig(BaseModel):
+    """Family false-alarm budget across all streams of one device."""
+
+    false_alarms: float = 1.0
+    per_days: float = 365.0
+
+
+class MonitorConfig(BaseModel):
+    baseline_days: float = Field(60, description="first days of each stream estimate the in-control baseline")
+    metrics: list[str] = ["error_rate", "fnr", "fpr", "score_mean", "unmapped_rate"]
+    budget: BudgetConfig = BudgetConfig()
+    odds_ratio: float = Field(2.0, description="Bernoulli CUSUM design: detect the odds of an error multiplied by this")
+    ewma_lambda: float = 0.1
+    ewma_shift: float = Field(0.5, description="EWMA design shift in sd units of the baseline score")
+    max_arl0: float = Field(1e7, description="cap on a stream's ARL0 so thresholds stay finite")
+
+
+class SourceConfig(BaseModel):
+    kind: Literal["files"] = "files"
+    paths: list[Path] = Field(default_factory=list)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VIGIL_", extra="forbid")
+
+    store_url: str = "sqlite:///vigil.db"
+    subject_key: str = Field("vigil-demo-key-change-me", description="secret for the keyed hash of subjects")
+    deid_policy: Literal["strip", "quarantine"] = "strip"
+    sources: list[SourceConfig] = Field(default_factory=list)
+    concept_maps: list[Path] = Field(default_factory=list)
+    models: list[ModelConfig] = Field(default_factory=list)
+    subgroups: SubgroupConfig = SubgroupConfig()
+    monitors: MonitorConfig = MonitorConfig()
+    config_path: Path | None = None
+
+    @field_validator("models")
+    @classmethod
+    def _unique_models(cls, models: list[ModelConfig]) -> list[ModelConfig]:
+        ids = [m.id for m in models]
+        if len(ids) != len(set(ids)):
+            raise ValueError(f"model ids must be unique, got {ids}")
+        return models
+
+    def model(self, model_id: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.id == model_id), None)
+
+    def config_hash(self) -> str:
+        """Hash of the effective configuration, recorded with every run and report."""
+        blob = self.model_dump_json(exclude={"subject_key", "config_path"})
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_settings(path: Path | str | None = None, **overrides) -> Settings:
+    """Read the YAML file (default: the embedded example), resolve its relative paths, apply env and overrides."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise SystemExit(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise SystemExit(f"config file {path} is not valid YAML: {exc}") from None
+    base = path.resolve().parent
+    raw["concept_maps"] = [str(_resolve(base, p)) for p in raw.get("concept_maps", [])]
+    for src in raw.get("sources", []):
+        src["paths"] = [str(_resolve(base, p)) for p in src.get("paths", [])]
+    for m in raw.get("models", []):
+        if m.get("pccp"):
+            m["pccp"] = str(_resolve(base, m["pccp"]))
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    raw["config_path"] = str(path)
+    # pydantic-settings gives init kwargs priority over env; env must win over the file, so drop file keys set in env.
+    import os
+
+    for key in list(raw):
+        if f"VIGIL_{key.upper()}" in os.environ and key not in overrides:
+            raw.pop(key)
+    return Settings(**raw)
+
+
+def _resolve(base: Path, p: str | Path) -> Path:
+    p = Path(p)
+    return p if p.is_absolute() else (base / p)
