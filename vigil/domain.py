@@ -88,6 +88,7 @@ class Prediction:
     encounter: str | None
     time: datetime
     score: float
+    model_device: str | None = None  # Device id of the AI model (RiskAssessment.performer); gives the version
     scanner_device: str | None = None  # Device id of the acquisition device (RiskAssessment.basis)
     site: str | None = None
     received: datetime | None = None  # meta.lastUpdated: when the feed delivered it
@@ -229,3 +230,4 @@ class Alert:
     state: AlertState = AlertState.FIRING
     severity: str = "warning"  # warning | critical
     fire_count: int = 1
+    last_fired_at: datetime | None = None

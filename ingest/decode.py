@@ -1,0 +1,334 @@
+"""FHIR resource → domain record: the fast path reads exactly the elements docs/feed.md lists, nothing else.
+
+Plain dict access, no model objects: the fast path must keep up with ~100,000 resources/s. ``strict=True`` adds full
+FHIR R4B validation (fhir.resources) in front of it. Identifiers never pass: subjects are keyed, person identifiers
+are either not copied (``strip``, counted) or the resource is quarantined; dead-letter payloads are redacted copies.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Literal
+
+import orjson
+from fhir.resources.R4B import get_fhir_model_class
+from pydantic import ValidationError
+
+from ingest.deid import PERSON_TYPES, SubjectKeyer, find_identifiers, oldest_safe_birth_year, redact, safe_birth_year
+from vigil.domain import (
+    Coding,
+    DeadLetter,
+    DeviceInfo,
+    EncounterInfo,
+    Fact,
+    Position,
+    Prediction,
+    SiteInfo,
+    SubjectInfo,
+)
+
+Record = SubjectInfo | SiteInfo | DeviceInfo | EncounterInfo | Prediction | Fact
+
+MODEL_SYSTEM = "https://vigil.dev/fhir/CodeSystem/model"
+DEVICE_KIND_SYSTEM = "https://vigil.dev/fhir/CodeSystem/device-kind"
+RACE_URL = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"
+ETHNICITY_URL = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity"
+IDENTIFIERS_PRESENT = "identifiers present"
+_DEVICE_KINDS = {"ai-model": "model", "acquisition-device": "scanner"}
+
+
+class Rejected(ValueError):
+    """The resource breaks the feed profile; the message names the element ("missing subject", "invalid ...")."""
+
+
+@lru_cache(maxsize=1 << 14)
+def parse_datetime(text: str) -> datetime:
+    """A FHIR date, dateTime or instant of any precision (YYYY, YYYY-MM, ...) → timezone-aware UTC; naive means UTC."""
+    if len(text) == 4:
+        return datetime(int(text), 1, 1, tzinfo=UTC)
+    if len(text) == 7 and text[4] == "-":
+        return datetime(int(text[:4]), int(text[5:]), 1, tzinfo=UTC)
+    value = datetime.fromisoformat(text)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Decoder:
+    """Decodes one resource at a time into a ``Record``, a ``DeadLetter``, or ``None`` for types vigil does not use."""
+
+    def __init__(self, keyer: SubjectKeyer, policy: Literal["strip", "quarantine"] = "strip", strict: bool = False):
+        if policy not in ("strip", "quarantine"):
+            raise ValueError(f"deid_policy must be 'strip' or 'quarantine', got {policy!r}")
+        self.keyer = keyer
+        self.policy = policy
+        self.strict = strict
+        self.stripped: Counter[str] = Counter()
+        self._oldest_year = oldest_safe_birth_year()
+        self._handlers: dict[str, Callable[[dict], Record]] = {
+            "RiskAssessment": self._risk_assessment,
+            "Condition": self._condition,
+            "Procedure": self._procedure,
+            "Observation": self._observation,
+            "Encounter": self._encounter,
+            "Patient": self._patient,
+            "Device": self._device,
+            "Organization": self._organization,
+        }
+
+    def decode(self, resource: dict, position: Position) -> Record | DeadLetter | None:
+        rtype = resource.get("resourceType")
+        if self.strict and (problem := _validation_problem(resource)):
+            return self._dead_letter(resource, position, problem)
+        handler = self._handlers.get(rtype)
+        if handler is None:
+            return None
+        if rtype in PERSON_TYPES or "contained" in resource:
+            found = find_identifiers(resource, self._oldest_year)
+            if found and self.policy == "quarantine":
+                reason = f"{IDENTIFIERS_PRESENT}: {', '.join(found)}"
+                return DeadLetter(position, reason, rtype, self._safe_id(resource), payload=None)
+            self.stripped.update(found)
+        try:
+            return handler(resource)
+        except Rejected as exc:
+            return self._dead_letter(resource, position, str(exc))
+        except (AttributeError, TypeError, KeyError, IndexError) as exc:  # an element of the wrong JSON type
+            problem = f"invalid structure ({type(exc).__name__}: {exc}); decode with strict=True to locate the element"
+            return self._dead_letter(resource, position, problem)
+
+    # --- dead letters ------------------------------------------------------------------
+
+    def _dead_letter(self, resource: dict, position: Position, problem: str) -> DeadLetter:
+        rtype, rid = resource.get("resourceType"), self._safe_id(resource)
+        label = f"{rtype}/{rid}" if rid else f"{rtype} (no id)"
+        payload = orjson.dumps(redact(resource, self.keyer, self._oldest_year)).decode()
+        return DeadLetter(position, f"{label}: {problem}", rtype if isinstance(rtype, str) else None, rid, payload)
+
+    def _safe_id(self, resource: dict) -> str | None:
+        """The resource id fit for a dead letter: a Patient's id is keyed like its subject."""
+        rid = resource.get("id")
+        if not isinstance(rid, str) or not rid:
+            return None
+        return self.keyer.key(f"Patient/{rid}") if resource.get("resourceType") == "Patient" else rid
+
+    # --- reference data ----------------------------------------------------------------
+
+    def _patient(self, r: dict) -> SubjectInfo:
+        birth_year = None
+        if (birth := r.get("birthDate")) is not None:
+            if not (isinstance(birth, str) and len(birth) >= 4 and birth[:4].isdigit()):
+                raise Rejected("invalid birthDate (must be YYYY, YYYY-MM or YYYY-MM-DD)")
+            birth_year = safe_birth_year(birth, self._oldest_year)
+        race = ethnicity = None
+        for ext in r.get("extension") or ():
+            url = ext.get("url")
+            if url == RACE_URL:
+                race = _omb_category(ext)
+            elif url == ETHNICITY_URL:
+                ethnicity = _omb_category(ext)
+        return SubjectInfo(self.keyer.key(f"Patient/{_id(r)}"), birth_year, r.get("gender"), race, ethnicity)
+
+    def _organization(self, r: dict) -> SiteInfo:
+        name = r.get("name")
+        return SiteInfo(_id(r), name if isinstance(name, str) else None)
+
+    def _device(self, r: dict) -> DeviceInfo:
+        kind = "other"
+        for coding in (r.get("type") or {}).get("coding") or ():
+            if coding.get("system") == DEVICE_KIND_SYSTEM:
+                kind = _DEVICE_KINDS.get(coding.get("code"), "other")
+                break
+        names, versions = r.get("deviceName") or (), r.get("version") or ()
+        model = r.get("modelNumber")
+        if kind == "model" and names and names[0].get("name"):
+            model = names[0]["name"]
+        return DeviceInfo(
+            device_id=_id(r),
+            kind=kind,
+            manufacturer=r.get("manufacturer"),
+            model=model,
+            version=versions[0].get("value") if versions else None,
+            site=reference_id(r.get("owner"), "Organization", conditional=True),
+        )
+
+    def _encounter(self, r: dict) -> EncounterInfo:
+        start = (r.get("period") or {}).get("start")
+        return EncounterInfo(
+            encounter=_id(r),
+            subject=self._subject(r),
+            site=reference_id(r.get("serviceProvider"), "Organization", conditional=True),
+            start=_time(start, "period.start") if start is not None else None,
+        )
+
+    # --- events --------------------------------------------------------------------------
+
+    def _risk_assessment(self, r: dict) -> Prediction:
+        rid, status, subject = _id(r), _required(r, "status"), self._subject(r)
+        time = _time(_required(r, "occurrenceDateTime"), "occurrenceDateTime")
+        try:
+            score = r["prediction"][0]["probabilityDecimal"]
+        except (KeyError, IndexError, TypeError):
+            raise Rejected("missing prediction[0].probabilityDecimal") from None
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 1:
+            raise Rejected(f"invalid prediction[0].probabilityDecimal {score!r} (must be a number from 0 to 1)")
+        model_id = next(
+            (c.get("code") for c in (r.get("method") or {}).get("coding") or () if c.get("system") == MODEL_SYSTEM),
+            None,
+        )
+        if not model_id:
+            raise Rejected(f"missing method.coding with system {MODEL_SYSTEM} (the model id)")
+        model_device = reference_id(_required(r, "performer"), "Device")
+        if model_device is None:
+            raise Rejected("invalid performer (must reference Device/<id> of the AI model)")
+        scanner = next((d for b in r.get("basis") or () if (d := reference_id(b, "Device"))), None)
+        meta = r.get("meta") or {}
+        return Prediction(
+            resource_id=rid,
+            version_id=str(meta.get("versionId") or "1"),
+            status=status,
+            model_id=model_id,
+            model_version="",
+            subject=subject,
+            encounter=reference_id(r.get("encounter"), "Encounter"),
+            time=time,
+            score=float(score),
+            model_device=model_device,
+            scanner_device=scanner,
+            received=_received(meta),
+        )
+
+    def _condition(self, r: dict) -> Fact:
+        status = _first_code(r.get("verificationStatus"))
+        if status != "entered-in-error":
+            status = _first_code(r.get("clinicalStatus")) or "active"
+        return self._fact(r, _event_time(r, "onsetDateTime", "recordedDate"), status)
+
+    def _procedure(self, r: dict) -> Fact:
+        if (performed := r.get("performedDateTime")) is not None:
+            time = _time(performed, "performedDateTime")
+        elif (start := (r.get("performedPeriod") or {}).get("start")) is not None:
+            time = _time(start, "performedPeriod.start")
+        else:
+            raise Rejected("missing performedDateTime or performedPeriod.start")
+        return self._fact(r, time, r.get("status") or "unknown")
+
+    def _observation(self, r: dict) -> Fact:
+        fact = self._fact(r, _event_time(r, "effectiveDateTime"), r.get("status") or "unknown")
+        quantity = r.get("valueQuantity")
+        if quantity:
+            value = quantity.get("value")
+            if isinstance(value, bool) or not isinstance(value, (int, float, type(None))):
+                raise Rejected("invalid valueQuantity.value (must be a number)")
+            fact.value = None if value is None else float(value)
+            fact.unit = quantity.get("code") or quantity.get("unit")
+        return fact
+
+    def _fact(self, r: dict, time: datetime, status: str) -> Fact:
+        codings = tuple(
+            Coding(c["system"], c["code"], c.get("display"))
+            for c in (r.get("code") or {}).get("coding") or ()
+            if c.get("system") and c.get("code")
+        )
+        if not codings:
+            raise Rejected("missing code.coding (at least one coding with system and code)")
+        meta = r.get("meta") or {}
+        return Fact(
+            resource_type=r["resourceType"],
+            resource_id=_id(r),
+            version_id=str(meta.get("versionId") or "1"),
+            status=status,
+            subject=self._subject(r),
+            encounter=reference_id(r.get("encounter"), "Encounter"),
+            codings=codings,
+            time=time,
+            received=_received(meta),
+        )
+
+    def _subject(self, r: dict) -> str:
+        patient = reference_id(_required(r, "subject"), "Patient")
+        if patient is None:
+            raise Rejected("invalid subject (must reference Patient/<id>)")
+        return self.keyer.key(f"Patient/{patient}")
+
+
+def reference_id(reference: object, rtype: str, conditional: bool = False) -> str | None:
+    """The id a Reference points to, if it points to ``rtype``: ``Type/id``, absolute or ``/_history/n`` forms.
+
+    With ``conditional``, ``Type?identifier=system|value`` gives ``value`` (Synthea refers to Organizations this way).
+    """
+    ref = reference.get("reference") if isinstance(reference, dict) else None
+    if not isinstance(ref, str):
+        return None
+    prefix = rtype + "/"
+    if ref.startswith(prefix):
+        rest = ref[len(prefix) :]
+    elif (at := ref.find("/" + prefix)) >= 0:
+        rest = ref[at + 1 + len(prefix) :]
+    elif conditional and ref.startswith(rtype + "?identifier="):
+        return ref.rsplit("|", 1)[-1] or None
+    else:
+        return None
+    return rest.split("/", 1)[0] or None
+
+
+def _id(r: dict) -> str:
+    rid = r.get("id")
+    if not isinstance(rid, str) or not rid:
+        raise Rejected("missing id")
+    return rid
+
+
+def _required(r: dict, element: str):
+    value = r.get(element)
+    if value is None or value == "":
+        raise Rejected(f"missing {element}")
+    return value
+
+
+def _time(text: object, element: str) -> datetime:
+    try:
+        return parse_datetime(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise Rejected(f"invalid {element} (not a FHIR dateTime)") from None
+
+
+def _event_time(r: dict, *elements: str) -> datetime:
+    for element in elements:
+        if (text := r.get(element)) is not None:
+            return _time(text, element)
+    raise Rejected(f"missing {' or '.join(elements)}")
+
+
+def _received(meta: dict) -> datetime | None:
+    updated = meta.get("lastUpdated")
+    return None if updated is None else _time(updated, "meta.lastUpdated")
+
+
+def _first_code(concept: object) -> str | None:
+    codings = concept.get("coding") if isinstance(concept, dict) else None
+    return codings[0].get("code") if codings else None
+
+
+def _omb_category(extension: dict) -> str | None:
+    for sub in extension.get("extension") or ():
+        if sub.get("url") == "ombCategory":
+            return (sub.get("valueCoding") or {}).get("code")
+    return None
+
+
+def _validation_problem(resource: dict) -> str | None:
+    """Full FHIR R4B validation (fhir.resources); the first error's location and message, or None."""
+    rtype = resource.get("resourceType")
+    try:
+        model = get_fhir_model_class(rtype)
+    except (ValueError, TypeError, KeyError):
+        return f"invalid resourceType {rtype!r} (not a FHIR R4B resource)"
+    try:
+        model.model_validate(resource)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        location = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]).lstrip(".")
+        return f"fails FHIR R4B validation at {location or '(resource)'}: {first['msg']}"
+    return None

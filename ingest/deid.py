@@ -1,0 +1,153 @@
+"""De-identification guard: keyed subject pseudonyms, detection of direct identifiers, redacted copies.
+
+The HIPAA Safe Harbor list (45 CFR 164.514(b)(2)) drives what counts as a direct identifier of a person: names,
+addresses below state, telecom, record/SSN-type identifiers, photos, exact dates (birth, death) and ages over 89.
+Those elements live on person resources (Patient, RelatedPerson, Person), whether sent alone, contained in another
+resource, or rendered in a narrative; an ``identifier`` on a RiskAssessment or Encounter is a business id, not a person's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from datetime import UTC, datetime
+from typing import Any
+
+PERSON_TYPES = frozenset({"Patient", "RelatedPerson", "Person"})
+_DIRECT_ELEMENTS = ("name", "telecom", "address", "identifier", "photo", "contact")
+_IDENTIFYING_VALUES = ("valueHumanName", "valueAddress", "valueContactPoint", "valueIdentifier", "valueAttachment")
+OVER_89 = "age over 89"
+FULL_BIRTH_DATE = "birthDate (full date)"
+
+
+class SubjectKeyer:
+    """Keyed hash so subjects are pseudonymous, stable across feeds, and not reversible without the secret."""
+
+    __slots__ = ("_secret", "_cache")
+    _CACHE_SIZE = 1 << 16
+
+    def __init__(self, secret: str):
+        if not secret:
+            raise ValueError("subject_key is empty: set a secret in the config (subject_key) or VIGIL_SUBJECT_KEY")
+        self._secret = secret.encode()
+        self._cache: dict[str, str] = {}
+
+    def key(self, reference: str) -> str:
+        """HMAC-SHA256 of ``Patient/<id>``, first 32 hex characters (128 bits); memoised, a subject recurs often."""
+        cached = self._cache.get(reference)
+        if cached is None:
+            if len(self._cache) >= self._CACHE_SIZE:
+                self._cache.clear()
+            cached = hmac.new(self._secret, reference.encode(), hashlib.sha256).hexdigest()[:32]
+            self._cache[reference] = cached
+        return cached
+
+
+def oldest_safe_birth_year(today: datetime | None = None) -> int:
+    """Birth years before this one mean an age over 89; Safe Harbor aggregates them into one "90 or older" year."""
+    return (today or datetime.now(UTC)).year - 90
+
+
+def find_identifiers(resource: dict, oldest_year: int | None = None) -> list[str]:
+    """Names of the direct-identifier elements present on a person resource or on persons it contains.
+
+    Contained persons are reported as ``contained.<element>``. Other resource types report only their contained persons.
+    """
+    oldest_year = oldest_safe_birth_year() if oldest_year is None else oldest_year
+    found: list[str] = []
+    if resource.get("resourceType") in PERSON_TYPES:
+        found.extend(_person_identifiers(resource, oldest_year))
+    for inner in resource.get("contained") or ():
+        if isinstance(inner, dict):
+            found.extend(f"contained.{name}" for name in find_identifiers(inner, oldest_year))
+    return list(dict.fromkeys(found))
+
+
+def _person_identifiers(person: dict, oldest_year: int) -> list[str]:
+    found = [name for name in _DIRECT_ELEMENTS if person.get(name)]
+    birth = person.get("birthDate")
+    if isinstance(birth, str) and birth:
+        if len(birth) > 4:
+            found.append(FULL_BIRTH_DATE)
+        if birth[:4].isdigit() and int(birth[:4]) < oldest_year:
+            found.append(OVER_89)
+    if person.get("deceasedDateTime"):
+        found.append("deceasedDateTime")
+    if (person.get("text") or {}).get("div"):
+        found.append("text.div")
+    found.extend(f"extension {_last_segment(ext.get('url', ''))}" for ext in _identifying_extensions(person))
+    return found
+
+
+def _identifying_extensions(element: dict) -> list[dict]:
+    return [
+        ext
+        for ext in element.get("extension") or ()
+        if isinstance(ext, dict)
+        and (any(k in ext for k in _IDENTIFYING_VALUES) or ext.get("url", "").endswith("patient-mothersMaidenName"))
+    ]
+
+
+def _last_segment(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1] or "(no url)"
+
+
+def safe_birth_year(birth_date: str, oldest_year: int) -> int:
+    """The year of a FHIR date (any precision), aggregated to ``oldest_year`` when the person is over 89."""
+    return max(int(birth_date[:4]), oldest_year)
+
+
+def keyed_reference(reference: str, keyer: SubjectKeyer) -> str:
+    """``Patient/<id>`` (possibly absolute or versioned) → ``Patient/<key>``; other references unchanged.
+
+    A conditional reference ``Patient?identifier=...`` carries the identifier itself and is blanked.
+    """
+    if reference.startswith("Patient?") or "/Patient?" in reference:
+        return "Patient?(redacted)"
+    head, sep, tail = reference.partition("Patient/")
+    if not sep or (head and not head.endswith("/")):
+        return reference
+    patient_id = tail.split("/", 1)[0]
+    return f"Patient/{keyer.key('Patient/' + patient_id)}"
+
+
+def redact(resource: dict, keyer: SubjectKeyer, oldest_year: int | None = None) -> dict:
+    """A copy safe to store in a dead letter: no direct identifiers, no narrative, Patient ids and references keyed.
+
+    Reference displays (often the patient's name), reference identifiers and inline attachment data are dropped too.
+    """
+    oldest_year = oldest_safe_birth_year() if oldest_year is None else oldest_year
+    return _redact_value(resource, keyer, oldest_year)
+
+
+def _redact_value(value: Any, keyer: SubjectKeyer, oldest_year: int) -> Any:
+    if isinstance(value, list):
+        return [_redact_value(item, keyer, oldest_year) for item in value]
+    if not isinstance(value, dict):
+        return value
+    person = value.get("resourceType") in PERSON_TYPES
+    is_reference = isinstance(value.get("reference"), str)
+    dropped = _identifying_extensions(value) if person else ()
+    out: dict = {}
+    for key, item in value.items():
+        if key == "text" and "resourceType" in value:
+            continue
+        if person and (key in _DIRECT_ELEMENTS or key == "deceasedDateTime"):
+            continue
+        if is_reference and key in ("display", "identifier"):
+            continue
+        if key == "data" and "contentType" in value:
+            continue
+        if key == "reference" and isinstance(item, str):
+            out[key] = keyed_reference(item, keyer)
+        elif person and key == "id" and value["resourceType"] == "Patient" and isinstance(item, str):
+            out[key] = keyer.key(f"Patient/{item}")
+        elif person and key == "birthDate" and isinstance(item, str) and item[:4].isdigit():
+            out[key] = str(safe_birth_year(item, oldest_year))
+        elif key == "extension" and dropped:
+            kept = [ext for ext in item if not any(ext is d for d in dropped)]
+            if kept:
+                out[key] = _redact_value(kept, keyer, oldest_year)
+        else:
+            out[key] = _redact_value(item, keyer, oldest_year)
+    return out

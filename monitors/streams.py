@@ -1,0 +1,229 @@
+"""Streams: one monitored series per (model, version, metric, site, subgroup cell), each with a calibrated detector.
+
+Life of a stream:
+1. **baseline** — observations whose event time falls in the first ``baseline_days`` estimate the in-control rate
+   (or score mean and sd);
+2. the metric's baseline is **complete** when no more baseline observations can arrive (for labeled metrics: the
+   label window and grace of the last baseline prediction have passed). Observations that arrive before then for
+   later events are buffered and replayed in arrival order;
+3. at completion every stream of the metric is calibrated together: the device's family false-alarm budget is split
+   equally over the metrics and then over that metric's streams (Bonferroni), each stream's ARL0 follows from its
+   event rate (``monitors.budget.stream_arl0``) and its threshold from the exact ARL (``monitors.calibrate``);
+   a stream with fewer than ``min_n`` baseline events is reported as ``insufficient_data``, never silently dropped;
+4. **active** — each observation updates the detector; an alarm yields a ``Signal`` and the detector restarts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from monitors.budget import stream_arl0
+from monitors.calibrate import bernoulli_threshold, ewma_threshold
+from monitors.detectors import BernoulliCusum, Ewma
+from vigil.domain import ALL, Signal, StreamKey
+from vigil.settings import ModelConfig, MonitorConfig, SubgroupConfig
+
+RATE_METRICS = ("error_rate", "fnr", "fpr", "unmapped_rate")
+MEAN_METRICS = ("score_mean",)
+LABELED_METRICS = ("error_rate", "fnr", "fpr")
+
+
+def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (Wilson 1927)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass(slots=True)
+class DayPoint:
+    """One day of one stream, for the dashboards: count, value and the chart statistic at day end."""
+
+    day: datetime
+    n: int = 0
+    total: float = 0.0
+    total_sq: float = 0.0
+    statistic: float | None = None
+    threshold: float | None = None
+
+
+@dataclass(slots=True)
+class Stream:
+    key: StreamKey
+    detector_name: str
+    status: str = "baseline"  # baseline | active | insufficient_data
+    b_n: int = 0
+    b_sum: float = 0.0
+    b_sumsq: float = 0.0
+    baseline: float | None = None
+    sd: float | None = None
+    arl0: float | None = None
+    detector: BernoulliCusum | Ewma | None = None
+    run_start: datetime | None = None  # event time at which the statistic last left its centre
+    run_n: int = 0
+    run_sum: float = 0.0
+    prev_stat: float = 0.0
+    alarms: int = 0
+    points: dict[datetime, DayPoint] = field(default_factory=dict)
+
+    def add_baseline(self, x: float) -> None:
+        self.b_n += 1
+        self.b_sum += x
+        self.b_sumsq += x * x
+
+
+class StreamMonitor:
+    """All streams of one model; observations in, signals out."""
+
+    def __init__(self, model: ModelConfig, version: str, cfg: MonitorConfig, subgroups: SubgroupConfig,
+                 start: datetime):
+        self.model = model
+        self.version = version
+        self.cfg = cfg
+        self.min_n = subgroups.min_n
+        self.metrics = [m for m in cfg.metrics if m in RATE_METRICS + MEAN_METRICS]
+        self.start = start
+        self.baseline_end = start + timedelta(days=cfg.baseline_days)
+        label_lag = model.label_window + model.label_grace
+        self.complete_at = {
+            m: self.baseline_end + (label_lag if m in LABELED_METRICS else timedelta(0)) for m in self.metrics
+        }
+        self.streams: dict[StreamKey, Stream] = {}
+        self._buffer: dict[str, list[tuple[str, list[str], float, datetime]]] = {m: [] for m in self.metrics}
+        self._active: set[str] = set()
+
+    # --- input ---------------------------------------------------------------------------------------
+
+    def observe(self, metric: str, site: str, cells: list[str], x: float, event_time: datetime,
+                watermark: datetime) -> list[Signal]:
+        """One observation of ``metric`` for an event at ``site`` in subgroup ``cells`` (incl. "all")."""
+        if metric not in self._buffer:
+            return []
+        signals = self.advance(watermark)
+        if event_time < self.baseline_end:
+            for key in self._keys(metric, site, cells):
+                self._stream(key).add_baseline(x)
+        elif metric in self._active:
+            signals += self._update(metric, site, cells, x, event_time, watermark)
+        else:
+            self._buffer[metric].append((site, cells, x, event_time))
+        return signals
+
+    def advance(self, watermark: datetime) -> list[Signal]:
+        """Complete every metric whose baseline can no longer change, and replay what waited for it."""
+        signals: list[Signal] = []
+        for metric, at in self.complete_at.items():
+            if metric not in self._active and watermark >= at:
+                self._calibrate(metric)
+                self._active.add(metric)
+                for site, cells, x, event_time in self._buffer.pop(metric):
+                    signals += self._update(metric, site, cells, x, event_time, watermark)
+                self._buffer[metric] = []
+        return signals
+
+    # --- internals -------------------------------------------------------------------------------------
+
+    def _keys(self, metric: str, site: str, cells: list[str]) -> list[StreamKey]:
+        sites = (site, ALL) if site != ALL else (ALL,)
+        return [StreamKey(self.model.id, self.version, metric, s, c) for s in sites for c in cells]
+
+    def _stream(self, key: StreamKey) -> Stream:
+        stream = self.streams.get(key)
+        if stream is None:
+            name = "ewma" if key.metric in MEAN_METRICS else "bernoulli_cusum"
+            stream = self.streams[key] = Stream(key, name)
+        return stream
+
+    def _calibrate(self, metric: str) -> None:
+        streams = [s for s in self.streams.values() if s.key.metric == metric]
+        eligible = [s for s in streams if s.b_n >= self.min_n]
+        for s in streams:
+            if s.b_n < self.min_n:
+                s.status = "insufficient_data"
+        if not eligible:
+            return
+        days = self.cfg.baseline_days
+        # the family budget is shared equally by the metrics, then by the streams of each metric
+        share = len(eligible) * len(self.metrics)
+        for s in eligible:
+            s.arl0 = stream_arl0(self.cfg.budget.false_alarms, self.cfg.budget.per_days, share, s.b_n / days,
+                                 cap=self.cfg.max_arl0)
+            if metric in MEAN_METRICS:
+                mean = s.b_sum / s.b_n
+                var = max(s.b_sumsq / s.b_n - mean * mean, 1e-12)
+                s.baseline, s.sd = mean, math.sqrt(var)
+                s.detector = Ewma(self.cfg.ewma_lambda, ewma_threshold(self.cfg.ewma_lambda, s.arl0), limits="exact")
+            else:
+                # Jeffreys-style estimate keeps p0 off zero for streams that never erred in baseline
+                p0 = (s.b_sum + 0.5) / (s.b_n + 1)
+                odds = p0 / (1 - p0) * self.cfg.odds_ratio
+                p1 = odds / (1 + odds)
+                s.baseline = p0
+                s.detector = BernoulliCusum(p0, p1, bernoulli_threshold(p0, p1, s.arl0))
+            s.status = "active"
+
+    def _update(self, metric: str, site: str, cells: list[str], x: float, event_time: datetime,
+                watermark: datetime) -> list[Signal]:
+        signals = []
+        day = event_time.replace(hour=0, minute=0, second=0, microsecond=0)
+        for key in self._keys(metric, site, cells):
+            s = self.streams.get(key)
+            if s is None or s.detector is None:
+                continue
+            z = (x - s.baseline) / s.sd if s.sd else x
+            if s.run_start is None:
+                s.run_start, s.run_n, s.run_sum = event_time, 0, 0.0
+            s.run_n += 1
+            s.run_sum += x
+            alarm = s.detector.update(z)
+            stat = s.detector.statistic
+            point = s.points.get(day)
+            if point is None:
+                point = s.points[day] = DayPoint(day)
+            point.n += 1
+            point.total += x
+            point.total_sq += x * x
+            point.statistic, point.threshold = stat, s.detector.threshold
+            if alarm:
+                signals.append(self._signal(s, watermark))
+                s.detector.reset()
+                s.run_start = None
+            elif _back_at_centre(s.prev_stat, stat, metric):
+                s.run_start = None
+            s.prev_stat = 0.0 if alarm else stat
+        return signals
+
+    def _signal(self, s: Stream, watermark: datetime) -> Signal:
+        s.alarms += 1
+        current = s.run_sum / s.run_n
+        if s.key.metric in MEAN_METRICS:
+            half = 1.96 * s.sd / math.sqrt(s.run_n)
+            ci = (current - half, current + half)
+        else:
+            ci = wilson(s.run_sum, s.run_n)
+        return Signal(
+            stream=s.key,
+            detector=s.detector_name,
+            detected_at=watermark,
+            change_estimate=s.run_start,
+            statistic=s.detector.statistic,
+            threshold=s.detector.threshold,
+            baseline=s.baseline,
+            current=current,
+            current_ci=ci,
+            n_baseline=s.b_n,
+            n_current=s.run_n,
+        )
+
+
+def _back_at_centre(prev: float, stat: float, metric: str) -> bool:
+    """Whether the chart statistic returned to its in-control centre (zero, or a sign change for EWMA)."""
+    if metric in MEAN_METRICS:
+        return stat == 0 or (prev != 0 and (prev > 0) != (stat > 0))
+    return stat <= 0

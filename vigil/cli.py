@@ -1,0 +1,402 @@
+"""The `vigil` command line (DESIGN.md §Contracts). Every listing command has ``--json``; every command ``--store``."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import orjson
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from sqlalchemy import select
+
+from vigil import audit
+from vigil.settings import DEFAULT_CONFIG, Settings, load_settings
+from vigil.store import AlertRow, TicketRow, session_factory, upgrade
+
+app = typer.Typer(help="vigil: post-market performance monitoring for AI medical devices.", no_args_is_help=True)
+alerts_app = typer.Typer(help="Drift alerts: list, show, acknowledge, resolve.", no_args_is_help=True)
+tickets_app = typer.Typer(help="Retraining tickets and their PCCP category.", no_args_is_help=True)
+audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
+dashboards_app = typer.Typer(help="Grafana dashboards built from code.", no_args_is_help=True)
+db_app = typer.Typer(help="The store's schema.", no_args_is_help=True)
+app.add_typer(alerts_app, name="alerts")
+app.add_typer(tickets_app, name="tickets")
+app.add_typer(audit_app, name="audit")
+app.add_typer(dashboards_app, name="dashboards")
+app.add_typer(db_app, name="db")
+
+console = Console()
+err = Console(stderr=True)
+
+StoreOpt = Annotated[str | None, typer.Option("--store", envvar="VIGIL_STORE_URL",
+                                              help="Store URL (default sqlite:///vigil.db in the working directory).")]
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Config YAML (default: the embedded example).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+def _settings(config: Path = DEFAULT_CONFIG, store: str | None = None) -> Settings:
+    return load_settings(config, store_url=store)
+
+
+def _store_url(store: str | None) -> str:
+    return store or Settings.model_fields["store_url"].default
+
+
+def _print_json(obj) -> None:
+    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode() + "\n")
+
+
+# --- demo, simulate, ingest, run ---------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Where to write summary.json, the feeds, stores and dashboards.")] = Path(
+        "demo-out"),
+    seed: int = 7,
+    days: int = 180,
+    volume: Annotated[float, typer.Option(help="Scale the simulated volume (1.0 = 30-40 predictions/day/site).")] = 1.0,
+    scenario: Annotated[list[str] | None, typer.Option(help="Run only these scenarios (repeatable).")] = None,
+    json: JsonOpt = False,
+) -> None:
+    """Simulate every scenario, run the whole pipeline in-process on SQLite, and show what was found next to the truth."""
+    from dashboards.build import write_dashboards
+    from vigil.demo import run_demo
+    from vigil.simulator import SCENARIOS
+
+    chosen = scenario or list(SCENARIOS)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
+                  disable=json) as progress:
+        task = progress.add_task("demo", total=len(chosen) * 2)
+        summary = run_demo(out, seed=seed, days=days, volume=volume, scenarios=chosen,
+                           on_step=lambda msg: progress.update(task, advance=1, description=msg))
+    written = write_dashboards(out / "dashboards")
+    if json:
+        _print_json(summary)
+        return
+    _show_demo(summary)
+    console.print(f"\nWrote [bold]{out / 'summary.json'}[/], {len(written)} Grafana dashboards in {out / 'dashboards'}, "
+                  f"and one SQLite store per scenario in {out / 'stores'}.")
+
+
+def _show_demo(summary: dict) -> None:
+    table = Table(title="What vigil found, next to the injected truth", show_lines=True)
+    for col in ("scenario", "injected change", "first alert (where, when)", "delay", "ticket (expected)",
+                "alerts / false", "cases", "s"):
+        table.add_column(col)
+    for ev in summary["evaluation"]:
+        if "change_time" not in ev:
+            table.add_row(ev["scenario"], "none", "-", "-", "-",
+                          f"{ev['alerts']} / [{'red' if ev['false_alarms'] else 'green'}]{ev['false_alarms']}[/]",
+                          str(ev["cases"]), str(ev["seconds"]))
+            continue
+        where = f"{ev['detected_where']} @ {ev['detected_at'][:10]}" if ev["detected"] else "[red]not detected[/]"
+        cats = ", ".join(ev["ticket_categories"]) or "none"
+        ok = "green" if ev["category_ok"] else "red"
+        table.add_row(ev["scenario"], f"{ev['model']} site={ev['site']} {ev['subgroup']} @ {ev['change_time'][:10]}",
+                      where, f"{ev['delay_days']} d" if ev["detected"] else "-",
+                      f"[{ok}]{cats}[/] ({ev['expected_category']})",
+                      f"{ev['alerts']} / {ev['false_alarms']}", str(ev["cases"]), str(ev["seconds"]))
+    console.print(table)
+    tickets = Table(title="Retraining tickets")
+    for col in ("scenario", "model", "category", "U", "cause", "remedy", "PCCP mod", "alerts"):
+        tickets.add_column(col)
+    for t in summary["tickets"]:
+        tickets.add_row(t["scenario"], t["model"], t["category"], "U" if t["safety_overlay"] else "", t["cause"],
+                        t["remedy"], t["matched_mod"] or "-", str(len(t["alert_ids"])))
+    console.print(tickets)
+
+
+@app.command()
+def simulate(
+    scenario: Annotated[str, typer.Option(help="stable | scanner-upgrade | mapping-break | population-shift | "
+                                               "subgroup-decay")],
+    out: Annotated[Path, typer.Option(help="Directory for the NDJSON feed and ground_truth.json.")],
+    seed: int = 7,
+    days: int = 180,
+    volume: float = 1.0,
+    change_day: int = 100,
+    json: JsonOpt = False,
+) -> None:
+    """Write a synthetic multi-site FHIR feed (bulk-export NDJSON) and its ground truth."""
+    from vigil.simulator import simulate as run
+
+    try:
+        truth = run(scenario, out, seed=seed, days=days, volume=volume, change_day=change_day)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--scenario") from None
+    if json:
+        _print_json(truth.to_dict())
+    else:
+        console.print(f"Wrote the [bold]{scenario}[/] feed to {out} ({len(truth.changes)} injected change(s)).")
+
+
+def _run_pipeline(paths: list[Path], settings: Settings, json: bool) -> None:
+    from vigil.persist import persist
+    from vigil.pipeline import Pipeline
+
+    started = datetime.now(UTC)
+    pipeline = Pipeline(settings)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err, disable=json) as progress:
+        task = progress.add_task("processing events", total=None)
+        result = pipeline.run_paths(paths, progress=lambda i, n: progress.update(task, completed=i, total=n))
+    persist(result, settings, [str(p) for p in paths], started)
+    report = {
+        "accepted": dict(result.accepted), "rejected": dict(result.rejected), "ignored": dict(result.ignored),
+        "duplicates": dict(result.duplicates), "identifier_elements_stripped": dict(result.stripped),
+        "cases": len(result.cases), "alerts": len(result.alerts.alerts), "tickets": len(result.tickets),
+        "dead_letters": [{"position": str(d.position), "reason": d.reason} for d in result.dead_letters[:50]],
+    }
+    if json:
+        _print_json(report)
+        return
+    table = Table(title=f"Ingested into {settings.store_url}")
+    table.add_column("")
+    table.add_column("resource type / reason")
+    table.add_column("count", justify="right")
+    for label, counter in (("accepted", result.accepted), ("rejected", result.rejected),
+                           ("ignored", result.ignored), ("duplicate", result.duplicates)):
+        for key, n in sorted(counter.items()):
+            table.add_row(label, key, str(n))
+    console.print(table)
+    for d in result.dead_letters[:20]:
+        err.print(f"[yellow]rejected[/] {d.position}: {d.reason}")
+    if len(result.dead_letters) > 20:
+        err.print(f"... and {len(result.dead_letters) - 20} more (vigil stores them all as dead letters)")
+    console.print(f"{len(result.cases)} cases labeled, {len(result.alerts.alerts)} alerts, "
+                  f"{len(result.tickets)} tickets.")
+
+
+@app.command()
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="NDJSON files, Bundles, or bulk-export directories.")],
+    config: ConfigOpt = DEFAULT_CONFIG,
+    store: StoreOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """One-shot load: decode, validate and de-identify, dead-letter bad input, run the flow, store the results."""
+    _run_pipeline(paths, _settings(config, store), json)
+
+
+@app.command()
+def run(
+    config: ConfigOpt = DEFAULT_CONFIG,
+    store: StoreOpt = None,
+    once: Annotated[bool, typer.Option("--once", help="Consume the configured sources until exhausted, then stop.")
+                    ] = False,
+    json: JsonOpt = False,
+) -> None:
+    """The service: consume the configured sources. File sources are read once (`--once`)."""
+    settings = _settings(config, store)
+    paths = [p for src in settings.sources for p in src.paths]
+    if not paths:
+        raise typer.BadParameter(f"no source paths configured in {config} (sources: [{{kind: files, paths: [...]}}])",
+                                 param_hint="--config")
+    if not once:
+        raise typer.BadParameter("only file sources exist so far, and they are finite: pass --once",
+                                 param_hint="--once")
+    _run_pipeline(paths, settings, json)
+
+
+# --- alerts and tickets ------------------------------------------------------------------------------------
+
+
+def _alert_dict(a: AlertRow) -> dict:
+    return {c.key: (v.isoformat() if isinstance(v := getattr(a, c.key), datetime) else v)
+            for c in AlertRow.__table__.columns}
+
+
+def _ticket_dict(t: TicketRow, full: bool = False) -> dict:
+    d = {c.key: (v.isoformat() if isinstance(v := getattr(t, c.key), datetime) else v)
+         for c in TicketRow.__table__.columns if full or c.key not in ("rationale", "required_actions", "evidence")}
+    d["alert_ids"] = [a.id for a in t.alerts]
+    return d
+
+
+@alerts_app.command("list")
+def alerts_list(
+    store: StoreOpt = None,
+    state: Annotated[str | None, typer.Option(help="firing | acknowledged | resolved | silenced")] = None,
+    model: str | None = None,
+    site: str | None = None,
+    json: JsonOpt = False,
+) -> None:
+    """List alerts, newest first."""
+    url = _store_url(store)
+    upgrade(url)
+    with session_factory(url)() as s:
+        q = select(AlertRow).order_by(AlertRow.detected_at.desc(), AlertRow.id)
+        for col, val in (("state", state), ("model", model), ("site", site)):
+            if val:
+                q = q.where(getattr(AlertRow, col) == val)
+        rows = s.scalars(q).all()
+    if json:
+        _print_json([_alert_dict(a) for a in rows])
+        return
+    table = Table(title=f"{len(rows)} alerts")
+    for col in ("id", "state", "severity", "model", "metric", "site", "subgroup", "detected", "since", "baseline",
+                "current (95% CI)", "ticket"):
+        table.add_column(col)
+    for a in rows:
+        table.add_row(a.id, a.state, a.severity, f"{a.model}@{a.model_version}", a.metric, a.site, a.subgroup,
+                      a.detected_at.date().isoformat(), a.change_estimate.date().isoformat(), f"{a.baseline:.3f}",
+                      f"{a.current:.3f} ({a.ci_low:.3f}-{a.ci_high:.3f})", a.ticket_id or "-")
+    console.print(table)
+
+
+@alerts_app.command("show")
+def alerts_show(alert_id: str, store: StoreOpt = None, json: JsonOpt = False) -> None:
+    """Everything about one alert: what, where, since when, how much, and its lifecycle."""
+    url = _store_url(store)
+    with session_factory(url)() as s:
+        a = s.get(AlertRow, alert_id)
+        if a is None:
+            raise typer.BadParameter(f"no alert {alert_id} in {url}", param_hint="ALERT_ID")
+        d = _alert_dict(a)
+    if json:
+        _print_json(d)
+        return
+    for k, v in d.items():
+        console.print(f"[bold]{k:>16}[/] {v}")
+
+
+def _transition(alert_id: str, store: str | None, by: str, comment: str | None, to: str) -> None:
+    url = _store_url(store)
+    allowed = {"acknowledged": ("firing",), "resolved": ("firing", "acknowledged", "silenced")}[to]
+    with session_factory(url)() as s, s.begin():
+        a = s.get(AlertRow, alert_id)
+        if a is None:
+            raise typer.BadParameter(f"no alert {alert_id} in {url}", param_hint="ALERT_ID")
+        if a.state not in allowed:
+            raise typer.BadParameter(f"alert {alert_id} is {a.state}; it can become {to} only from "
+                                     f"{' or '.join(allowed)}", param_hint="ALERT_ID")
+        now = datetime.now(UTC)
+        if to == "acknowledged":
+            a.acked_by, a.acked_at, a.ack_comment = by, now, comment
+        else:
+            a.resolved_by, a.resolved_at = by, now
+        previous, a.state = a.state, to
+        audit.record(s, by, f"alert.{to}", "alert", alert_id, {"from": previous, "comment": comment})
+    console.print(f"{alert_id}: {previous} → {to} by {by}")
+
+
+@alerts_app.command("ack")
+def alerts_ack(alert_id: str, by: Annotated[str, typer.Option(help="Who acknowledges (recorded in the audit log).")],
+               comment: str | None = None, store: StoreOpt = None) -> None:
+    """Acknowledge a firing alert."""
+    _transition(alert_id, store, by, comment, "acknowledged")
+
+
+@alerts_app.command("resolve")
+def alerts_resolve(alert_id: str, by: Annotated[str, typer.Option(help="Who resolves (recorded in the audit log).")],
+                   comment: str | None = None, store: StoreOpt = None) -> None:
+    """Resolve an alert."""
+    _transition(alert_id, store, by, comment, "resolved")
+
+
+@tickets_app.command("list")
+def tickets_list(store: StoreOpt = None, json: JsonOpt = False) -> None:
+    """List retraining tickets with their PCCP category."""
+    url = _store_url(store)
+    upgrade(url)
+    with session_factory(url)() as s:
+        rows = s.scalars(select(TicketRow).order_by(TicketRow.id)).all()
+        data = [_ticket_dict(t) for t in rows]
+    if json:
+        _print_json(data)
+        return
+    table = Table(title=f"{len(data)} tickets")
+    for col in ("id", "status", "model", "category", "U", "cause", "confidence", "remedy", "PCCP mod", "alerts"):
+        table.add_column(col)
+    for t in data:
+        table.add_row(t["id"], t["status"], f"{t['model']}@{t['model_version']}", t["category"],
+                      "U" if t["safety_overlay"] else "", t["cause"], f"{t['cause_confidence']:.2f}", t["remedy"],
+                      t["matched_mod"] or "-", ", ".join(t["alert_ids"]))
+    console.print(table)
+
+
+@tickets_app.command("show")
+def tickets_show(ticket_id: str, store: StoreOpt = None, json: JsonOpt = False) -> None:
+    """One ticket: category, the rule trace with citations, required actions and evidence."""
+    url = _store_url(store)
+    with session_factory(url)() as s:
+        t = s.get(TicketRow, ticket_id)
+        if t is None:
+            raise typer.BadParameter(f"no ticket {ticket_id} in {url}", param_hint="TICKET_ID")
+        d = _ticket_dict(t, full=True)
+    if json:
+        _print_json(d)
+        return
+    console.print(f"[bold]{d['id']}[/] {d['model']}@{d['model_version']}  category [bold]{d['category']}[/]"
+                  f"{'  + U (urgent safety overlay)' if d['safety_overlay'] else ''}  status {d['status']}")
+    console.print(f"cause {d['cause']} (confidence {d['cause_confidence']:.2f}); remedy {d['remedy']}; "
+                  f"PCCP modification {d['matched_mod'] or '-'}; alerts {', '.join(d['alert_ids'])}")
+    rules = Table(title="Rule trace")
+    for col in ("rule", "finding", "citation"):
+        rules.add_column(col)
+    for row in d["rationale"]:
+        rules.add_row(*[str(x) for x in row])
+    console.print(rules)
+    for action in d["required_actions"]:
+        console.print(f"  • {action}")
+
+
+@tickets_app.command("export")
+def tickets_export(out: Annotated[Path, typer.Option(help="JSON file to write.")], store: StoreOpt = None) -> None:
+    """Export every ticket with its full evidence, for Regulatory Affairs or an inspector."""
+    url = _store_url(store)
+    with session_factory(url)() as s:
+        data = [_ticket_dict(t, full=True) for t in s.scalars(select(TicketRow).order_by(TicketRow.id))]
+    out.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+    console.print(f"Wrote {len(data)} tickets to {out}")
+
+
+# --- audit, dashboards, db -------------------------------------------------------------------------------
+
+
+@audit_app.command("verify")
+def audit_verify(store: StoreOpt = None, json: JsonOpt = False) -> None:
+    """Check the hash chain; name the first record that was edited, removed or reordered."""
+    url = _store_url(store)
+    with session_factory(url)() as s:
+        result = audit.verify(s)
+    if json:
+        _print_json({"ok": result.ok, "checked": result.checked, "first_bad_seq": result.first_bad_seq,
+                     "reason": result.reason})
+    elif result.ok:
+        console.print(f"[green]audit log intact[/]: {result.checked} records verified")
+    else:
+        console.print(f"[red]audit log broken at seq {result.first_bad_seq}[/]: {result.reason}")
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@dashboards_app.command("build")
+def dashboards_build(out: Annotated[Path, typer.Option(help="Directory for the dashboard JSON files.")]) -> None:
+    """Write the Grafana dashboards (JSON models) for provisioning."""
+    from dashboards.build import write_dashboards
+
+    for path in write_dashboards(out):
+        console.print(f"wrote {path}")
+
+
+@db_app.command("upgrade")
+def db_upgrade(store: StoreOpt = None) -> None:
+    """Create or migrate the store's schema (Alembic)."""
+    url = _store_url(store)
+    upgrade(url)
+    console.print(f"{url} is at the latest schema")
+
+
+def _mount_calibrate() -> None:
+    from vigil.cli_calibrate import calibrate_app
+
+    app.add_typer(calibrate_app, name="calibrate", help="Thresholds from a target ARL0, and ARLs, computed exactly.")
+
+
+_mount_calibrate()

@@ -1,0 +1,189 @@
+"""Write one pipeline run into the store, in one transaction, with its audit trail.
+
+Cases, stream checkpoints, daily metric points, dead letters, alerts and tickets land together with the run record,
+so a crash leaves either the whole run or none of it. Every alert and ticket (with its classification) is also
+appended to the hash-chained audit log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime
+
+from sqlalchemy import delete, insert, select
+
+from alerts.lifecycle import identity
+from monitors.streams import MEAN_METRICS, Stream, wilson
+from vigil import __version__, audit
+from vigil.pipeline import RunResult
+from vigil.settings import Settings
+from vigil.store import (
+    AlertRow,
+    CaseRow,
+    DeadLetterRow,
+    MetricPointRow,
+    RunRow,
+    StreamStateRow,
+    TicketRow,
+    next_id,
+    session_factory,
+    upgrade,
+)
+
+ACTOR = "vigil-pipeline"
+
+
+def persist(result: RunResult, settings: Settings, inputs: list[str], started_at: datetime) -> dict[str, str]:
+    """Store ``result``; returns the mapping from the run's provisional alert ids to the stored ones."""
+    upgrade(settings.store_url)
+    with session_factory(settings.store_url)() as session, session.begin():
+        _cases(session, result)
+        _streams(session, result)
+        if result.dead_letters:
+            session.execute(insert(DeadLetterRow), [_row(DeadLetterRow.from_dead_letter(d)) for d in result.dead_letters])
+        alert_ids = _alerts(session, result)
+        _tickets(session, result, alert_ids)
+        counts = {
+            "accepted": dict(result.accepted), "rejected": dict(result.rejected), "ignored": dict(result.ignored),
+            "duplicates": dict(result.duplicates), "stripped": dict(result.stripped),
+            "cases": len(result.cases), "alerts": len(result.alerts.alerts), "tickets": len(result.tickets),
+        }
+        run = RunRow(started_at=started_at, finished_at=datetime.now(UTC), config_hash=settings.config_hash(),
+                     code_version=__version__, inputs=inputs, counts=counts)
+        session.add(run)
+        session.flush()
+        audit.record(session, ACTOR, "run.completed", "run", str(run.id),
+                     {"config_hash": run.config_hash, "inputs": inputs, "counts": counts})
+    return alert_ids
+
+
+def _row(obj) -> dict:
+    """Column values of an ORM object, for a bulk insert (ORM adds are too slow for tens of thousands of cases)."""
+    return {c.key: getattr(obj, c.key) for c in obj.__table__.columns if getattr(obj, c.key) is not None}
+
+
+def _cases(session, result: RunResult) -> None:
+    cases = result.cases
+    if not cases:
+        return
+    models = {c.prediction.model_id for c in cases}
+    known = set(session.execute(select(CaseRow.model, CaseRow.prediction_id).where(CaseRow.model.in_(models))).all())
+    rows = [_row(CaseRow.from_case(c)) for c in cases
+            if (c.prediction.model_id, c.prediction.resource_id) not in known]
+    if rows:
+        session.execute(insert(CaseRow), rows)
+
+
+def _streams(session, result: RunResult) -> None:
+    """Replace the checkpoints and daily points of every stream this run computed."""
+    for run in result.models.values():
+        if run.monitor is None:
+            continue
+        for table in (StreamStateRow, MetricPointRow):
+            session.execute(delete(table).where(table.model == run.config.id, table.model_version == run.version))
+        states, points = [], []
+        for s in run.monitor.streams.values():
+            states.append(_state_row(s))
+            points.extend(_point_rows(s))
+        if states:
+            session.execute(insert(StreamStateRow), states)
+        if points:
+            session.execute(insert(MetricPointRow), points)
+
+
+def _key(s: Stream) -> dict:
+    k = s.key
+    return {"model": k.model, "model_version": k.version, "metric": k.metric, "site": k.site, "subgroup": k.subgroup}
+
+
+def _state_row(s: Stream) -> dict:
+    d = s.detector
+    return {**_key(s), "detector": s.detector_name, "status": s.status, "baseline": s.baseline,
+            "baseline_n": s.b_n, "n": d.n if d else 0, "threshold": d.threshold if d else None, "arl0": s.arl0,
+            "statistic": d.statistic if d else None, "state": d.state() if d else {}}
+
+
+def _point_rows(s: Stream) -> list[dict]:
+    rows = []
+    for day, p in sorted(s.points.items()):
+        value = p.total / p.n
+        if s.key.metric in MEAN_METRICS:
+            sd = max(p.total_sq / p.n - value * value, 0.0) ** 0.5
+            half = 1.96 * sd / p.n ** 0.5
+            lo, hi = value - half, value + half
+        else:
+            lo, hi = wilson(p.total, p.n)
+        rows.append({**_key(s), "period_start": day, "n": p.n, "value": value, "ci_low": lo, "ci_high": hi,
+                     "statistic": p.statistic, "threshold": p.threshold})
+    return rows
+
+
+def _alerts(session, result: RunResult) -> dict[str, str]:
+    """Insert new alerts; a re-fire of an alert still open in the store updates it instead."""
+    ids: dict[str, str] = {}
+    for alert in result.alerts.alerts:
+        ident = identity(alert.signal)
+        existing = session.scalars(select(AlertRow).where(
+            AlertRow.model == ident[0], AlertRow.model_version == ident[1], AlertRow.metric == ident[2],
+            AlertRow.site == ident[3], AlertRow.subgroup == ident[4], AlertRow.detector == ident[5],
+            AlertRow.state.in_(("firing", "acknowledged")))).first()
+        if existing is not None:
+            existing.fire_count += alert.fire_count
+            existing.last_fired_at = alert.last_fired_at
+            existing.current, existing.n_current = alert.signal.current, alert.signal.n_current
+            existing.ci_low, existing.ci_high = alert.signal.current_ci
+            ids[alert.id] = existing.id
+            audit.record(session, ACTOR, "alert.refired", "alert", existing.id, {"fire_count": existing.fire_count})
+            continue
+        row = AlertRow.from_alert(alert)
+        row.id = next_id(session, AlertRow, "A")
+        row.last_fired_at = alert.last_fired_at or alert.signal.detected_at
+        session.add(row)
+        session.flush()
+        ids[alert.id] = row.id
+        audit.record(session, ACTOR, "alert.fired", "alert", row.id, _alert_payload(row))
+    return ids
+
+
+def _alert_payload(row: AlertRow) -> dict:
+    return {
+        "stream": f"{row.model}@{row.model_version}/{row.metric}/site={row.site}/{row.subgroup}",
+        "detector": row.detector, "severity": row.severity, "detected_at": row.detected_at.isoformat(),
+        "change_estimate": row.change_estimate.isoformat(), "baseline": row.baseline, "current": row.current,
+        "ci": [row.ci_low, row.ci_high], "n_baseline": row.n_baseline, "n_current": row.n_current,
+    }
+
+
+def _tickets(session, result: RunResult, alert_ids: dict[str, str]) -> None:
+    for draft in result.tickets:
+        stored_alerts = [alert_ids[a] for a in draft.alert_ids if a in alert_ids]
+        if stored_alerts and session.scalar(select(AlertRow.ticket_id).where(AlertRow.id.in_(stored_alerts),
+                                                                           AlertRow.ticket_id.is_not(None))):
+            continue  # these alerts already have their ticket from an earlier run
+        ticket = TicketRow(
+            id=next_id(session, TicketRow, "T"), model=draft.model, model_version=draft.model_version,
+            category=draft.category.value, safety_overlay=draft.safety_overlay, matched_mod=draft.matched_mod,
+            cause=draft.cause, cause_confidence=draft.cause_confidence, remedy=draft.remedy,
+            rationale=[list(r) for r in draft.rationale], required_actions=list(draft.required_actions),
+            evidence=draft.evidence,
+        )
+        session.add(ticket)
+        session.flush()
+        for alert_id in stored_alerts:
+            session.get(AlertRow, alert_id).ticket_id = ticket.id
+        draft_payload = {k: v for k, v in dataclasses.asdict(draft).items() if k not in ("evidence", "alert_ids")}
+        draft_payload["category"] = draft.category.value
+        audit.record(session, ACTOR, "ticket.opened", "ticket", ticket.id,
+                     {**_jsonable(draft_payload), "alerts": stored_alerts})
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if hasattr(value, "value"):
+        return value.value
+    return value

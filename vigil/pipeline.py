@@ -1,0 +1,262 @@
+"""The embedded pipeline: ingest → ontology → label join → streams and detectors → alerts → tickets, in one process.
+
+This is the wiring of DESIGN.md §The flow. Reference resources (sites, devices, patients, encounters) are applied
+first; events are then processed in arrival order (``meta.lastUpdated``), which is the feed's watermark: labels
+close and streams complete against it, so the same inputs and config always give the same alerts.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from alerts.lifecycle import AlertBook
+from ingest import Decoder, SubjectKeyer, load, reason_category
+from monitors.join import LabelJoin
+from monitors.streams import StreamMonitor
+from ontology import ConceptMaps, FactMapper, attributes, cells, definition_for
+from retrain_trigger import AcquisitionChange, TicketDraft, TriageContext, load_pccp, plan_tickets
+from vigil.domain import (
+    ALL,
+    Case,
+    DeadLetter,
+    DeviceInfo,
+    EncounterInfo,
+    Fact,
+    Label,
+    Position,
+    Prediction,
+    SiteInfo,
+    SubjectInfo,
+)
+from vigil.settings import ModelConfig, Settings
+
+REFERENCE_TYPES = (SiteInfo, DeviceInfo, SubjectInfo, EncounterInfo)
+
+
+@dataclass
+class ModelRun:
+    """The per-model state of one run: the join, the streams, and what they produced."""
+
+    config: ModelConfig
+    join: LabelJoin
+    monitor: StreamMonitor | None = None
+    version: str = "unknown"
+    cases: list[Case] = field(default_factory=list)
+    predictions: int = 0
+
+
+@dataclass
+class RunResult:
+    accepted: Counter = field(default_factory=Counter)
+    rejected: Counter = field(default_factory=Counter)
+    ignored: Counter = field(default_factory=Counter)
+    duplicates: Counter = field(default_factory=Counter)
+    stripped: Counter = field(default_factory=Counter)
+    unmapped: Counter = field(default_factory=Counter)  # (site, system, code) → count
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    models: dict[str, ModelRun] = field(default_factory=dict)
+    alerts: AlertBook = field(default_factory=AlertBook)
+    tickets: list[TicketDraft] = field(default_factory=list)
+    first_event: datetime | None = None
+    watermark: datetime | None = None
+
+    @property
+    def cases(self) -> list[Case]:
+        return [c for run in self.models.values() for c in run.cases]
+
+
+class Pipeline:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.decoder = Decoder(SubjectKeyer(settings.subject_key), policy=settings.deid_policy)
+        self.mapper = FactMapper(ConceptMaps.load(settings.concept_maps), [m.outcome for m in settings.models])
+        self.result = RunResult()
+        for m in settings.models:
+            self.result.models[m.id] = ModelRun(m, LabelJoin(m, definition_for(m.outcome)))
+        self._definitions = {m.id: self.result.models[m.id].join.definition for m in settings.models}
+        self.sites: dict[str, SiteInfo] = {}
+        self.devices: dict[str, DeviceInfo] = {}
+        self.subjects: dict[str, SubjectInfo] = {}
+        self.encounters: dict[str, EncounterInfo] = {}
+        self._versions: dict[tuple[str, str], str] = {}
+        self._subject_models: dict[str, set[str]] = defaultdict(set)
+        self._subject_site: dict[str, str] = {}
+        self._scanner_first_seen: dict[tuple[str, str], datetime] = {}
+
+    # --- entry points ----------------------------------------------------------------------------------
+
+    def run_paths(self, paths: Iterable[Path | str], progress=None) -> RunResult:
+        """Read files/directories, decode, and process everything in arrival order."""
+        loaded = load(list(paths), self.decoder)
+        r = self.result
+        r.accepted.update(loaded.accepted)
+        r.rejected.update(loaded.rejected)
+        r.ignored.update(loaded.ignored)
+        r.stripped.update(loaded.stripped)
+        r.dead_letters.extend(loaded.dead_letters)
+        self.process(loaded.records, progress=progress)
+        return r
+
+    def process(self, records: list[tuple[Position, object]], progress=None) -> None:
+        events = []
+        for position, rec in records:
+            if isinstance(rec, REFERENCE_TYPES):
+                self._apply_reference(rec)
+            else:
+                events.append(rec)
+        events = [e for e in events if not self._is_duplicate(e)]
+        events.sort(key=lambda r: (r.received or r.time, r.time))
+        for i, event in enumerate(events):
+            watermark = event.received or event.time
+            if self.result.first_event is None:
+                self.result.first_event = event.time
+            if isinstance(event, Prediction):
+                self._on_prediction(event, watermark)
+            else:
+                self._on_fact(event, watermark)
+            self._advance(watermark)
+            if progress is not None and i % 5000 == 0:
+                progress(i, len(events))
+        if progress is not None:
+            progress(len(events), len(events))
+        self._plan_tickets()
+
+    # --- reference data ----------------------------------------------------------------------------------
+
+    def _apply_reference(self, rec) -> None:
+        if isinstance(rec, SiteInfo):
+            self.sites[rec.site] = rec
+        elif isinstance(rec, DeviceInfo):
+            self.devices[rec.device_id] = rec
+        elif isinstance(rec, SubjectInfo):
+            self.subjects[rec.subject] = rec
+        else:
+            self.encounters[rec.encounter] = rec
+
+    def _is_duplicate(self, event: Prediction | Fact) -> bool:
+        """Replays and re-sent versions count once: keep a version only if it is newer than the last one seen."""
+        key = (event.resource_type if isinstance(event, Fact) else "RiskAssessment", event.resource_id)
+        seen = self._versions.get(key)
+        if seen is not None and _version_order(event.version_id) <= _version_order(seen):
+            self.result.duplicates[key[0]] += 1
+            return True
+        self._versions[key] = event.version_id
+        return False
+
+    # --- events ----------------------------------------------------------------------------------------
+
+    def _on_prediction(self, pred: Prediction, watermark: datetime) -> None:
+        run = self.result.models.get(pred.model_id)
+        if run is None:
+            self._reject(DeadLetter(Position("feed"), f"RiskAssessment/{pred.resource_id}: model "
+                                    f"'{pred.model_id}' is not configured (add it under models: in the config)",
+                                    "RiskAssessment", pred.resource_id))
+            return
+        if pred.status == "entered-in-error":
+            run.join.retract_prediction(pred.resource_id)
+            return
+        device = self.devices.get(pred.model_device or "")
+        pred.model_version = (device.version if device and device.version else None) or "unknown"
+        encounter = self.encounters.get(pred.encounter or "")
+        pred.site = (encounter.site if encounter and encounter.site else None) or "unknown"
+        scanner = self.devices.get(pred.scanner_device or "")
+        if scanner is not None:
+            self._scanner_first_seen.setdefault((pred.site, scanner.device_id), pred.time)
+        pred.attributes = attributes(self.subjects.get(pred.subject), scanner, pred.time, self.settings.subgroups)
+        self._subject_models[pred.subject].add(pred.model_id)
+        self._subject_site[pred.subject] = pred.site
+        monitor = self._monitor(run, pred)
+        run.predictions += 1
+        self._signals(monitor.observe("score_mean", pred.site, self._cells(pred), pred.score, pred.time, watermark))
+        case = run.join.add_prediction(pred)
+        if case is not None:
+            self._on_case(run, case, watermark)
+
+    def _on_fact(self, fact: Fact, watermark: datetime) -> None:
+        encounter = self.encounters.get(fact.encounter or "")
+        fact.site = (encounter.site if encounter else None) or self._subject_site.get(fact.subject) or "unknown"
+        of = self.mapper.map(fact)
+        if not of.mapped:
+            for coding in fact.codings:
+                self.result.unmapped[(fact.site, coding.system, coding.code)] += 1
+        for model_id in sorted(self._subject_models.get(fact.subject, ())):
+            run = self.result.models[model_id]
+            if run.monitor is not None:
+                self._signals(run.monitor.observe("unmapped_rate", fact.site, [ALL], float(not of.mapped),
+                                                  fact.time, watermark))
+            if of.mapped and self._definitions[model_id].relevant(of):
+                for case in run.join.add_fact(of):
+                    self._on_case(run, case, watermark)
+
+    def _on_case(self, run: ModelRun, case: Case, watermark: datetime) -> None:
+        run.cases.append(case)
+        if case.label is Label.CENSORED or run.monitor is None:
+            return
+        pred = case.prediction
+        positive = case.label is Label.POSITIVE
+        cells_ = self._cells(pred)
+        observe = run.monitor.observe
+        self._signals(observe("error_rate", pred.site, cells_, float(case.decision != positive), pred.time, watermark))
+        metric = "fnr" if positive else "fpr"
+        wrong = (not case.decision) if positive else case.decision
+        self._signals(observe(metric, pred.site, cells_, float(wrong), pred.time, watermark))
+
+    def _advance(self, watermark: datetime) -> None:
+        self.result.watermark = watermark
+        for run in self.result.models.values():
+            for case in run.join.advance(watermark):
+                self._on_case(run, case, watermark)
+            if run.monitor is not None:
+                self._signals(run.monitor.advance(watermark))
+
+    # --- helpers ---------------------------------------------------------------------------------------
+
+    def _monitor(self, run: ModelRun, pred: Prediction) -> StreamMonitor:
+        if run.monitor is None:
+            start = pred.time.replace(hour=0, minute=0, second=0, microsecond=0)
+            run.version = pred.model_version
+            run.monitor = StreamMonitor(run.config, pred.model_version, self.settings.monitors,
+                                        self.settings.subgroups, start)
+        return run.monitor
+
+    def _cells(self, pred: Prediction) -> list[str]:
+        return cells(pred.attributes, self.settings.subgroups)
+
+    def _signals(self, signals) -> None:
+        for signal in signals:
+            self.result.alerts.fire(signal)
+
+    def _reject(self, letter: DeadLetter) -> None:
+        self.result.dead_letters.append(letter)
+        self.result.rejected[reason_category(letter.reason)] += 1
+
+    def _plan_tickets(self) -> None:
+        """Group each model's alerts into root causes and classify them against the device's PCCP."""
+        for model_id, run in sorted(self.result.models.items()):
+            alerts = self.result.alerts.open_for(model_id)
+            if not alerts or run.config.pccp is None or run.monitor is None:
+                continue
+            ctx = TriageContext(sites=sorted({s for s, _ in self._scanner_first_seen} | self._model_sites(run)),
+                                acquisition_changes=self._acquisition_changes(run))
+            drafts = plan_tickets(alerts, ctx, load_pccp(run.config.pccp), run.version)
+            self.result.tickets.extend(drafts)
+
+    def _model_sites(self, run: ModelRun) -> set[str]:
+        return {k.site for k in run.monitor.streams if k.site != ALL}
+
+    def _acquisition_changes(self, run: ModelRun) -> list[AcquisitionChange]:
+        """Scanners first used after the baseline period: candidate acquisition-device causes."""
+        changes = []
+        for (site, device_id), first in sorted(self._scanner_first_seen.items()):
+            if first >= run.monitor.baseline_end:
+                d = self.devices[device_id]
+                changes.append(AcquisitionChange(site, first, d.manufacturer or "unknown", d.model or "unknown"))
+        return changes
+
+
+def _version_order(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (0, version)
