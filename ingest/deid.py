@@ -3,7 +3,8 @@
 The HIPAA Safe Harbor list (45 CFR 164.514(b)(2)) drives what counts as a direct identifier of a person: names,
 addresses below state, telecom, record/SSN-type identifiers, photos, exact dates (birth, death) and ages over 89.
 Those elements live on person resources (Patient, RelatedPerson, Person), whether sent alone, contained in another
-resource, or rendered in a narrative; an ``identifier`` on a RiskAssessment or Encounter is a business id, not a person's.
+resource, or rendered in a narrative; an ``identifier`` on a RiskAssessment or Encounter is a business id, not a
+person's.
 """
 
 from __future__ import annotations

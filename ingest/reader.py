@@ -66,7 +66,7 @@ def _parse_line(line: bytes, position: Position) -> Item:
         value = orjson.loads(line)
     except orjson.JSONDecodeError as exc:
         return DeadLetter(position, f"invalid JSON: {exc.msg} at column {exc.pos + 1}")
-    if isinstance(value, dict) and "resourceType" in value:
+    if _is_resource(value):
         return position, value
     return DeadLetter(position, NOT_FHIR)
 
@@ -78,7 +78,7 @@ def _read_json(path: Path, in_directory: bool) -> Iterator[Item]:
     except orjson.JSONDecodeError as exc:
         yield DeadLetter(Position(source), f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
         return
-    if not (isinstance(value, dict) and "resourceType" in value):
+    if not _is_resource(value):
         if in_directory:  # a bulk-export manifest, a simulator ground-truth file: not for us
             log.debug("skipping %s: JSON without resourceType", source)
         else:
@@ -89,12 +89,16 @@ def _read_json(path: Path, in_directory: bool) -> Iterator[Item]:
         return
     for index, entry in enumerate(bundle_entries(value)):
         position = Position(source, index + 1)
-        if isinstance(entry, dict) and "resourceType" in entry:
+        if _is_resource(entry):
             yield position, entry
         elif entry is None:
-            yield DeadLetter(position, "Bundle entry without a resource (nothing to ingest; deletions are not supported)")
+            yield DeadLetter(position, "Bundle entry without a resource (nothing to ingest; deletes are not supported)")
         else:
             yield DeadLetter(position, NOT_FHIR)
+
+
+def _is_resource(value: object) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("resourceType"), str)
 
 
 def bundle_entries(bundle: dict) -> list[dict | None]:

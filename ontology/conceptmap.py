@@ -99,7 +99,7 @@ class ConceptMaps:
         for path in map(Path, paths):
             m = _read(path)
             if m.url in maps:
-                raise ConceptMapError(f"{path}: ConceptMap url {m.url} is also used by {where[m.url]}; make urls unique")
+                raise ConceptMapError(f"{path}: ConceptMap url {m.url} is also used by {where[m.url]}; make it unique")
             maps[m.url], where[m.url] = m, path
         return cls(maps.values(), accept)
 
@@ -141,7 +141,7 @@ def _read(path: Path) -> _Map:
         raise ConceptMapError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
     if not isinstance(raw, dict) or raw.get("resourceType") != "ConceptMap":
         found = raw.get("resourceType") if isinstance(raw, dict) else type(raw).__name__
-        raise ConceptMapError(f"{path}: expected a FHIR R4 ConceptMap resource, found {found!r}")
+        raise ConceptMapError(f"{path}: expected a FHIR R4 ConceptMap, found {found!r}")
     try:
         cm = ConceptMap.model_validate(raw)
     except ValidationError as exc:
@@ -152,7 +152,7 @@ def _read(path: Path) -> _Map:
     groups = []
     for i, group in enumerate(cm.group or []):
         if not group.source:
-            raise ConceptMapError(f"{path}: group[{i}] has no source system; vigil needs it to know which codes it maps")
+            raise ConceptMapError(f"{path}: group[{i}] has no source system; set group.source to the local code system")
         elements: dict[str, tuple[_Target, ...]] = {}
         for element in group.element or []:
             elements[element.code] = elements.get(element.code, ()) + tuple(_targets(path, i, group, element))

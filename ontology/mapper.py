@@ -14,6 +14,9 @@ from ontology.units import UnitError, convert
 from vigil.domain import Coding, Fact, OutcomeFact
 from vigil.settings import OutcomeConfig
 
+_Target = tuple[Coding, str | None]  # standard concept, canonical unit when it is an outcome's analyte
+_UNSEEN: object = object()
+
 
 class FactMapper:
     """Maps one fact at a time; translations and unit factors are cached because every fact passes here.
@@ -26,44 +29,46 @@ class FactMapper:
     def __init__(self, maps: ConceptMaps, outcomes: Sequence[OutcomeConfig]) -> None:
         self._maps = maps
         self._units = _canonical_units(outcomes)
-        self._concepts: dict[tuple[str, str, str | None], Coding | None] = {}
+        self._targets: dict[tuple[str, str, str | None], _Target | None] = {}
         self.unit_errors: Counter[tuple[str | None, str]] = Counter()
         self.unmapped_codes: Counter[tuple[str | None, str, str]] = Counter()
 
     def map(self, fact: Fact) -> OutcomeFact:
-        concept = None
+        site = fact.site
+        target = None
         for coding in fact.codings:
-            concept = self._concept(coding.system, coding.code, fact.site)
-            if concept is not None:
+            key = (coding.system, coding.code, site)
+            target = self._targets.get(key, _UNSEEN)
+            if target is _UNSEEN:
+                target = self._targets[key] = self._resolve(coding.system, coding.code, site)
+            if target is not None:
                 break
-        if concept is None:
+        if target is None:
             if fact.codings:
                 first = fact.codings[0]
-                self.unmapped_codes[(fact.site, first.system, first.code)] += 1
-            return OutcomeFact(fact=fact, concept=None, value=fact.value, unit=fact.unit, mapped=False)
-        unit = self._units.get((concept.system, concept.code))
-        if unit is None or fact.value is None:
-            return OutcomeFact(fact=fact, concept=concept, value=fact.value, unit=unit or fact.unit, mapped=True)
+                self.unmapped_codes[(site, first.system, first.code)] += 1
+            return OutcomeFact(fact, None, fact.value, fact.unit, False)
+        concept, unit = target
+        value = fact.value
+        if unit is None or value is None:
+            return OutcomeFact(fact, concept, value, unit or fact.unit, True)
         try:
-            value = convert(fact.value, fact.unit or "", unit, analyte=concept.code)
+            value = convert(value, fact.unit or "", unit, concept.code)
         except UnitError:
-            self.unit_errors[(fact.site, fact.unit or "")] += 1
-            return OutcomeFact(fact=fact, concept=concept, value=None, unit=unit, mapped=True)
-        return OutcomeFact(fact=fact, concept=concept, value=value, unit=unit, mapped=True)
+            self.unit_errors[(site, fact.unit or "")] += 1
+            value = None
+        return OutcomeFact(fact, concept, value, unit, True)
 
-    def _concept(self, system: str, code: str, site: str | None) -> Coding | None:
-        key = (system, code, site)
-        try:
-            return self._concepts[key]
-        except KeyError:
-            pass
+    def _resolve(self, system: str, code: str, site: str | None) -> _Target | None:
+        """The standard concept for a coding and, when it is an outcome's analyte, that outcome's unit."""
         if system in STANDARD_SYSTEMS:
-            concept: Coding | None = Coding(system, code)
+            concept = Coding(system, code)
         else:
             matches = self._maps.translate(system, code, site)
-            concept = Coding(matches[0].system, matches[0].code) if matches else None
-        self._concepts[key] = concept
-        return concept
+            if not matches:
+                return None
+            concept = Coding(matches[0].system, matches[0].code)
+        return concept, self._units.get((concept.system, concept.code))
 
 
 def _canonical_units(outcomes: Sequence[OutcomeConfig]) -> dict[tuple[str, str], str]:

@@ -132,7 +132,7 @@ def definition_for(cfg: OutcomeConfig) -> OutcomeDefinition:
     if cfg.absolute_rise is None and cfg.relative_rise is None:
         raise ValueError(f"outcome {cfg.ref}: kind lab_rise needs absolute_rise, relative_rise or both")
     if cfg.relative_rise is not None and cfg.relative_rise <= 1:
-        raise ValueError(f"outcome {cfg.ref}: relative_rise is a ratio to baseline and must be > 1, got {cfg.relative_rise}")
+        raise ValueError(f"outcome {cfg.ref}: relative_rise is a ratio to baseline, must be > 1: {cfg.relative_rise}")
     if cfg.absolute_rise is not None and cfg.absolute_rise <= 0:
         raise ValueError(f"outcome {cfg.ref}: absolute_rise must be > 0, got {cfg.absolute_rise}")
     return LabRiseOutcome(

@@ -34,25 +34,31 @@ _POWER_OF_TEN = re.compile(r"10[*^](-?\d+)")
 _PRODUCT = re.compile(r"(?<=[\w\])])\.(?=[A-Za-z(\[])")
 _EXPONENT = re.compile(r"(?<=[A-Za-z\]])(-?\d+)")
 
-_factors: dict[tuple[str, str, str | None], tuple[float, float] | UnitError] = {}
+_factors: dict[tuple[str, str, str | None], tuple[float, float]] = {}
+_failures: dict[tuple[str, str, str | None], UnitError] = {}  # a site that sends a bad unit sends it on every value
 
 
 def convert(value: float, unit: str, to: str, analyte: str | None = None) -> float:
     """``value`` in UCUM ``unit`` expressed in ``to``; ``analyte`` (a LOINC code) allows molar ↔ mass conversion."""
     if unit == to:
         return value
-    key = (unit, to, analyte)
-    factor = _factors.get(key)
-    if factor is None:
-        try:
-            factor = _affine(unit, to, analyte)
-        except UnitError as exc:
-            factor = exc
-        _factors[key] = factor  # failures are cached too: a site that sends a bad unit sends it on every value
-    if isinstance(factor, UnitError):
-        raise factor
-    scale, offset = factor
+    try:
+        scale, offset = _factors[(unit, to, analyte)]
+    except KeyError:
+        scale, offset = _learn(unit, to, analyte)
     return value * scale + offset
+
+
+def _learn(unit: str, to: str, analyte: str | None) -> tuple[float, float]:
+    key = (unit, to, analyte)
+    if key in _failures:
+        raise _failures[key]
+    try:
+        factor = _factors[key] = _affine(unit, to, analyte)
+    except UnitError as exc:
+        _failures[key] = exc
+        raise
+    return factor
 
 
 def _affine(unit: str, to: str, analyte: str | None) -> tuple[float, float]:
@@ -70,7 +76,7 @@ def _affine(unit: str, to: str, analyte: str | None) -> tuple[float, float]:
         one = at(1.0)
         scale = at(2.0) - one  # two points, not 0 and 1: pint's chemistry context divides by the magnitude
         return scale, one - scale
-    except pint.DimensionalityError:
+    except (pint.DimensionalityError, ZeroDivisionError):  # pint's chemistry context divides by 0 for some mismatches
         hint = ""
         if "[substance]" in f"{src.dimensionality}{dst.dimensionality}" and not mw:
             hint = (

@@ -154,7 +154,7 @@ class AcceptanceCriterion(_Strict):
     metric: str
     type: Literal["superiority", "non_inferiority", "equivalence", "floor"]
     margin: float
-    alpha: float = 0.05
+    alpha: float = Field(0.025, description="one-sided level; decided by the two-sided (1 − 2α) CI (95 % by default)")
     vs: Comparator
 
 
@@ -260,7 +260,9 @@ class Pccp(_Strict):
         for mod in self.modifications:
             if mod.mod_id == mod_id:
                 return mod
-        raise KeyError(f"PCCP {self.pccp_id} has no modification {mod_id!r}; it has {[m.mod_id for m in self.modifications]}")
+        raise KeyError(
+            f"PCCP {self.pccp_id} has no modification {mod_id!r}; it has {[m.mod_id for m in self.modifications]}"
+        )
 
 
 class PccpError(ValueError):
@@ -281,10 +283,10 @@ def load_pccp(path: Path | str) -> Pccp:
     try:
         return Pccp.model_validate(body)
     except ValidationError as exc:
-        problems = "\n".join(
-            f"  pccp.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise PccpError(f"PCCP file {path} does not validate:\n{problems}\nFix these fields (schema: pccp.md §8.3).") from None
+        problems = "\n".join(f"  pccp.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+        raise PccpError(
+            f"PCCP file {path} does not validate:\n{problems}\nFix these fields (schema: pccp.md §8.3)."
+        ) from None
 
 
 # --- Subgroup cells --------------------------------------------------------------------------
@@ -303,6 +305,11 @@ def parse_cell(cell: str) -> dict[str, str]:
             raise ValueError(f"subgroup cell {cell!r}: {part!r} is not attribute=value")
         out[attr.strip()] = value.strip()
     return out
+
+
+def format_cell(subgroup: dict[str, str]) -> str:
+    """The inverse of :func:`parse_cell`: ``{}`` → ``"all"``."""
+    return "&".join(f"{k}={v}" for k, v in subgroup.items()) or "all"
 
 
 def age_band_range(band: str) -> tuple[int, int | None]:

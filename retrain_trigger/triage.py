@@ -147,7 +147,7 @@ def triage(alerts: Sequence[Alert], ctx: TriageContext) -> list[tuple[CauseHypot
     pool = _Pool(alerts)
     found: list[tuple[CauseHypothesis, list[Alert]]] = []
     for step in (_data_quality, _acquisition_device, _population_shift, _subgroup_performance, _leftover):
-        found.extend(step(pool, ctx))
+        found.extend((hypothesis, sorted(members, key=_sort_key)) for hypothesis, members in step(pool, ctx))
     return found
 
 
@@ -177,10 +177,14 @@ def _data_quality(pool: _Pool, ctx: TriageContext) -> list[tuple[CauseHypothesis
         others = _sites(a for a in pool.left if is_performance(a) and a.signal.stream.site not in covered)
         if perf and not others:
             ev.add(0.1, "no other site shows a performance alert, so the model itself is not implicated")
-        ev.reasons.append("remedy: fix the pipeline and re-measure; do not re-train on the affected data (S3 App. A 1.b)")
+        ev.reasons.append(
+            "remedy: fix the pipeline and re-measure; do not re-train on the affected data (S3 App. A 1.b)"
+        )
         out.append(
             (
-                CauseHypothesis("data_quality", ev.confidence, "pipeline_fix", sorted(covered), _subgroups(members), ev.reasons),
+                CauseHypothesis(
+                    "data_quality", ev.confidence, "pipeline_fix", sorted(covered), _subgroups(members), ev.reasons
+                ),
                 members,
             )
         )
@@ -217,7 +221,10 @@ def _acquisition_device(pool: _Pool, ctx: TriageContext) -> list[tuple[CauseHypo
         if len(perf_metrics) >= 2:
             ev.add(0.15, f"{len(perf_metrics)} performance metrics moved at {site}: {', '.join(perf_metrics)}")
         lag = min(abs(a.signal.change_estimate - c.first_seen) for a in members for c in used)
-        ev.add(round(0.2 * max(0.0, 1 - lag / ACQUISITION_BEFORE), 3), f"closest change estimate {lag.days} day(s) from first use")
+        ev.add(
+            round(0.2 * max(0.0, 1 - lag / ACQUISITION_BEFORE), 3),
+            f"closest change estimate {lag.days} day(s) from first use",
+        )
         others = _sites(a for a in pool.left if is_performance(a) and a.signal.stream.site != site)
         if not others:
             ev.add(0.1, "no other site shows a performance alert: the degradation is local to the new device")
@@ -227,8 +234,13 @@ def _acquisition_device(pool: _Pool, ctx: TriageContext) -> list[tuple[CauseHypo
         out.append(
             (
                 CauseHypothesis(
-                    "acquisition_device", ev.confidence, "new_input_source_same_type", [site], _subgroups(members),
-                    ev.reasons, used,
+                    "acquisition_device",
+                    ev.confidence,
+                    "new_input_source_same_type",
+                    [site],
+                    _subgroups(members),
+                    ev.reasons,
+                    used,
                 ),
                 members,
             )
@@ -248,7 +260,10 @@ def _population_shift(pool: _Pool, ctx: TriageContext) -> list[tuple[CauseHypoth
     members = pool.take(whole)
     members += pool.take(pool.subgroup_followers(members))
     ev = _Evidence()
-    ev.add(0.3, f"whole-population alerts at {', '.join(sites) or 'no single site'}" + (" and at site all" if at_all else ""))
+    ev.add(
+        0.3,
+        f"whole-population alerts at {', '.join(sites) or 'no single site'}" + (" and at site all" if at_all else ""),
+    )
     if ctx.sites:
         frac = len(set(sites) & set(ctx.sites)) / len(ctx.sites)
         ev.add(round(0.3 * frac, 3), f"{len(set(sites) & set(ctx.sites))} of {len(ctx.sites)} sites alerted")
@@ -257,7 +272,14 @@ def _population_shift(pool: _Pool, ctx: TriageContext) -> list[tuple[CauseHypoth
     if any(is_score(a) for a in members):
         ev.add(0.2, "the score distribution moved (score_mean): a covariate/prior shift, which recalibration addresses")
     scope = ctx.sites if at_all or not sites else sites
-    return [(CauseHypothesis("population_shift", ev.confidence, "recalibration", sorted(scope), _subgroups(members), ev.reasons), members)]
+    return [
+        (
+            CauseHypothesis(
+                "population_shift", ev.confidence, "recalibration", sorted(scope), _subgroups(members), ev.reasons
+            ),
+            members,
+        )
+    ]
 
 
 # --- (d) subgroup performance -------------------------------------------------------------
@@ -290,7 +312,9 @@ def _subgroup_performance(pool: _Pool, ctx: TriageContext) -> list[tuple[CauseHy
                 "is labeling and a use restriction, not re-training (pccp.md §8.4 R3)"
             )
         scope = ctx.sites if at_all else sites
-        out.append((CauseHypothesis("subgroup_performance", ev.confidence, remedy, sorted(scope), [cell], ev.reasons), members))
+        out.append(
+            (CauseHypothesis("subgroup_performance", ev.confidence, remedy, sorted(scope), [cell], ev.reasons), members)
+        )
     return out
 
 
@@ -304,8 +328,11 @@ def _leftover(pool: _Pool, ctx: TriageContext) -> list[tuple[CauseHypothesis, li
         ev = _Evidence()
         if any(is_performance(a) for a in members) and not any(is_score(a) for a in members):
             cause = "concept_drift"
-            ev.add(0.3, f"performance moved at {site} while its score distribution did not: the label given the "
-                        "inputs may have changed")
+            ev.add(
+                0.3,
+                f"performance moved at {site} while its score distribution did not: the label given the "
+                "inputs may have changed",
+            )
         else:
             cause = "unknown"
             ev.add(0.2, f"alerts at {site} match no data-quality, acquisition, population or subgroup pattern")

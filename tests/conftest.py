@@ -29,6 +29,12 @@ class PostgresCluster:
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
+    def create_database(self) -> tuple[str, str]:
+        """A new empty database: (name, SQLAlchemy URL)."""
+        name = f"vigil_t{next(_database_numbers)}"
+        self.admin(f"CREATE DATABASE {name}")
+        return name, self.url(name)
+
     def admin(self, sql: str) -> None:
         with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as c:
             c.execute(sql)
@@ -92,7 +98,6 @@ def postgres_url(postgres_cluster: PostgresCluster) -> str:
 @pytest.fixture
 def fresh_postgres_url(postgres_cluster: PostgresCluster) -> Iterator[str]:
     """A new empty database for one test, dropped afterwards (for tests that need a schema of their own)."""
-    name = f"vigil_t{next(_database_numbers)}"
-    postgres_cluster.admin(f"CREATE DATABASE {name}")
-    yield postgres_cluster.url(name)
+    name, url = postgres_cluster.create_database()
+    yield url
     postgres_cluster.admin(f"DROP DATABASE {name} WITH (FORCE)")

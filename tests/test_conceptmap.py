@@ -20,6 +20,7 @@ RIVERSIDE_DX = "https://riverside.example.org/fhir/CodeSystem/dx"
 SCT = "http://snomed.info/sct"
 LOINC = "http://loinc.org"
 LOCAL = "urn:local:dx"
+SITE_SYSTEM = "https://vigil.dev/fhir/CodeSystem/site"
 
 
 def write_map(tmp_path: Path, name: str, groups: list[dict], url: str | None = None, site: str | None = None) -> Path:
@@ -28,7 +29,7 @@ def write_map(tmp_path: Path, name: str, groups: list[dict], url: str | None = N
         cm["useContext"] = [
             {
                 "code": {"system": "http://terminology.hl7.org/CodeSystem/usage-context-type", "code": "venue"},
-                "valueCodeableConcept": {"coding": [{"system": "https://vigil.dev/fhir/CodeSystem/site", "code": site}]},
+                "valueCodeableConcept": {"coding": [{"system": SITE_SYSTEM, "code": site}]},
             }
         ]
     path = tmp_path / f"{name}.json"
@@ -105,7 +106,9 @@ def test_only_acceptable_equivalences_are_returned_and_disjoint_never(tmp_path: 
             {
                 "source": LOCAL,
                 "target": SCT,
-                "element": [element("A", ("111", "disjoint"), ("222", "narrower"), ("333", "equivalent"), ("444", "wider"))],
+                "element": [
+                    element("A", ("111", "disjoint"), ("222", "narrower"), ("333", "equivalent"), ("444", "wider"))
+                ],
             }
         ],
     )
@@ -135,7 +138,8 @@ def test_unmapped_fixed_covers_absent_codes_but_not_explicit_negatives(tmp_path:
 
 
 def test_unmapped_provided_reuses_the_source_code(tmp_path: Path) -> None:
-    path = write_map(tmp_path, "prov", [{"source": LOCAL, "target": SCT, "unmapped": {"mode": "provided"}}])
+    group = {"source": LOCAL, "target": SCT, "element": [element("X", ("1", "equal"))]}
+    path = write_map(tmp_path, "prov", [{**group, "unmapped": {"mode": "provided"}}])
     assert ConceptMaps.load([path]).translate(LOCAL, "233970002") == [
         Match(SCT, "233970002", "equal", "https://test/prov")
     ]
@@ -175,7 +179,7 @@ def test_global_and_site_maps_combine_best_equivalence_first(tmp_path: Path) -> 
     ("content", "expected"),
     [
         ("{not json", "bad.json:1: not valid JSON"),
-        (json.dumps({"resourceType": "ValueSet", "status": "active"}), "expected a FHIR R4 ConceptMap resource, found 'ValueSet'"),
+        (json.dumps({"resourceType": "ValueSet"}), "expected a FHIR R4 ConceptMap, found 'ValueSet'"),
         (json.dumps({"resourceType": "ConceptMap", "url": "u"}), "status: Value for the field 'status' is required"),
         (json.dumps({"resourceType": "ConceptMap", "status": "active"}), "ConceptMap has no url"),
         (
@@ -185,7 +189,8 @@ def test_global_and_site_maps_combine_best_equivalence_first(tmp_path: Path) -> 
         ),
         (
             json.dumps({"resourceType": "ConceptMap", "url": "u", "status": "active",
-                        "group": [{"source": "s", "target": "t", "unmapped": {"mode": "fixed"}}]}),
+                        "group": [{"source": "s", "target": "t", "element": [element("A", ("1", "equal"))],
+                                   "unmapped": {"mode": "fixed"}}]}),
             "group[0].unmapped mode 'fixed' needs a code",
         ),
         (

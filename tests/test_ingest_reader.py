@@ -44,14 +44,16 @@ def test_broken_and_non_fhir_lines_are_dead_lettered_by_line_and_the_rest_read(t
         "\n"
         '["a list", "not a resource"]\n'
         '{"resourceType":"Condition","id":"c2"}\n'
+        '{"resourceType":["Condition"],"id":"c3"}\n'
     )
     resources, dead = _split(list(iter_resources([feed])))
     assert [(pos.line, r["id"]) for pos, r in resources] == [(1, "c1"), (5, "c2")]
     assert [(d.position, d.reason.split(":")[0]) for d in dead] == [
         (Position(str(feed), 2), "invalid JSON"),
         (Position(str(feed), 4), NOT_FHIR),
+        (Position(str(feed), 6), NOT_FHIR),
     ]
-    assert dead[0].reason == "invalid JSON: unexpected end of data at column 34"
+    assert dead[0].reason == "invalid JSON: unexpected end of data at column 35"
 
 
 def test_gzip_ndjson_reads_like_the_plain_file(tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from alerts.lifecycle import AlertBook
@@ -123,6 +123,7 @@ class Pipeline:
                 progress(i, len(events))
         if progress is not None:
             progress(len(events), len(events))
+        self.result.unmapped = self.mapper.unmapped_codes
         self._plan_tickets()
 
     # --- reference data ----------------------------------------------------------------------------------
@@ -180,9 +181,6 @@ class Pipeline:
         encounter = self.encounters.get(fact.encounter or "")
         fact.site = (encounter.site if encounter else None) or self._subject_site.get(fact.subject) or "unknown"
         of = self.mapper.map(fact)
-        if not of.mapped:
-            for coding in fact.codings:
-                self.result.unmapped[(fact.site, coding.system, coding.code)] += 1
         for model_id in sorted(self._subject_models.get(fact.subject, ())):
             run = self.result.models[model_id]
             if run.monitor is not None:
@@ -206,10 +204,15 @@ class Pipeline:
         self._signals(observe(metric, pred.site, cells_, float(wrong), pred.time, watermark))
 
     def _advance(self, watermark: datetime) -> None:
+        new_day = self.result.watermark is None or watermark.date() != self.result.watermark.date()
         self.result.watermark = watermark
         for run in self.result.models.values():
             for case in run.join.advance(watermark):
                 self._on_case(run, case, watermark)
+            if new_day:  # bounded state: facts too old to label anything still to come
+                cfg = run.config
+                run.join.prune_facts(watermark - cfg.label_window - cfg.label_grace - cfg.outcome.baseline_lookback
+                                     - timedelta(days=1))
             if run.monitor is not None:
                 self._signals(run.monitor.advance(watermark))
 
@@ -240,9 +243,11 @@ class Pipeline:
             alerts = self.result.alerts.open_for(model_id)
             if not alerts or run.config.pccp is None or run.monitor is None:
                 continue
-            ctx = TriageContext(sites=sorted({s for s, _ in self._scanner_first_seen} | self._model_sites(run)),
-                                acquisition_changes=self._acquisition_changes(run))
-            drafts = plan_tickets(alerts, ctx, load_pccp(run.config.pccp), run.version)
+            pccp = load_pccp(run.config.pccp)
+            ctx = TriageContext(sites=sorted(self._model_sites(run)),
+                                acquisition_changes=self._acquisition_changes(run),
+                                indications_min_age=pccp.indications_for_use.population.min_age)
+            drafts = plan_tickets(alerts, ctx, pccp, run.version)
             self.result.tickets.extend(drafts)
 
     def _model_sites(self, run: ModelRun) -> set[str]:

@@ -55,8 +55,8 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def one_of(column: str, values: tuple[str, ...]) -> str:
-    """SQL for a CHECK that keeps a text column inside its vocabulary (shared with the migration)."""
+def _one_of(column: str, values: tuple[str, ...]) -> str:
+    """SQL for a CHECK that keeps a text column inside its vocabulary."""
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
 
@@ -87,6 +87,8 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 class Base(DeclarativeBase):
+    """Named constraints, so SQLite and PostgreSQL agree on every name a later migration may have to alter."""
+
     metadata = MetaData(
         naming_convention={
             "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -112,7 +114,7 @@ class CaseRow(Base):
         UniqueConstraint("model", "prediction_id"),
         Index(None, "model", "model_version", "site", "predicted_at"),
         Index(None, "subject"),
-        CheckConstraint(f"label IS NULL OR {one_of('label', LABELS)}", name="label"),
+        CheckConstraint(f"label IS NULL OR {_one_of('label', LABELS)}", name="label"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -159,9 +161,11 @@ class StreamStateRow(Base):
 
     __tablename__ = "stream_state"
     __table_args__ = (
-        UniqueConstraint("model", "model_version", "metric", "site", "subgroup", "detector", name="uq_stream_state_key"),
+        UniqueConstraint(
+            "model", "model_version", "metric", "site", "subgroup", "detector", name="uq_stream_state_key"
+        ),
         Index(None, "status"),
-        CheckConstraint(one_of("status", STREAM_STATUSES), name="status"),
+        CheckConstraint(_one_of("status", STREAM_STATUSES), name="status"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -187,7 +191,9 @@ class MetricPointRow(Base):
 
     __tablename__ = "metric_points"
     __table_args__ = (
-        UniqueConstraint("model", "model_version", "metric", "site", "subgroup", "period_start", name="uq_metric_points_key"),
+        UniqueConstraint(
+            "model", "model_version", "metric", "site", "subgroup", "period_start", name="uq_metric_points_key"
+        ),
         Index(None, "period_start"),
     )
 
@@ -213,8 +219,8 @@ class TicketRow(Base):
     __table_args__ = (
         Index(None, "model", "model_version"),
         Index(None, "status"),
-        CheckConstraint(one_of("category", PCCP_CATEGORIES), name="category"),
-        CheckConstraint(one_of("status", TICKET_STATUSES), name="status"),
+        CheckConstraint(_one_of("category", PCCP_CATEGORIES), name="category"),
+        CheckConstraint(_one_of("status", TICKET_STATUSES), name="status"),
     )
 
     id: Mapped[str] = mapped_column(String(16), primary_key=True)
@@ -245,8 +251,8 @@ class AlertRow(Base):
         Index(None, "state"),
         Index(None, "detected_at"),
         Index(None, "ticket_id"),
-        CheckConstraint(one_of("state", ALERT_STATES), name="state"),
-        CheckConstraint(one_of("severity", SEVERITIES), name="severity"),
+        CheckConstraint(_one_of("state", ALERT_STATES), name="state"),
+        CheckConstraint(_one_of("severity", SEVERITIES), name="severity"),
     )
 
     id: Mapped[str] = mapped_column(String(16), primary_key=True)
@@ -303,7 +309,7 @@ class AlertRow(Base):
             n_baseline=s.n_baseline,
             n_current=s.n_current,
             fire_count=alert.fire_count,
-            last_fired_at=s.detected_at,
+            last_fired_at=alert.last_fired_at or s.detected_at,
         )
 
 
@@ -383,11 +389,13 @@ class RunRow(Base):
 
 
 def engine_for(url: str) -> Engine:
-    """An engine for a store URL; ``postgresql://`` means psycopg 3.
+    """A new engine (and connection pool) for a store URL; ``postgresql://`` means psycopg 3.
 
-    SQLite gets WAL (readers never wait for the writer), foreign keys, and ``BEGIN IMMEDIATE``: its single write lock
-    is taken when a transaction starts, so concurrent writers queue instead of failing mid-transaction, and an audit
-    append's read-the-head-then-insert is atomic.
+    Create it once per process or service and reuse it: each call opens its own pool.
+
+    SQLite gets WAL, foreign keys, and ``BEGIN IMMEDIATE``: every transaction takes SQLite's single write lock when it
+    starts (waiting up to 30 s), so concurrent writers queue instead of failing mid-transaction with "database is
+    locked", and an audit append's read-the-head-then-insert is atomic. The price: vigil's readers queue too.
     """
     try:
         parsed = make_url(url)
@@ -440,7 +448,7 @@ def upgrade(url: str, revision: str = "head") -> None:
             config.attributes["configure_logger"] = False
             command.upgrade(config, revision)
     finally:
-        engine.dispose()
+        engine.dispose()  # no connection left holding the database file or a server slot
 
 
 def serialize(session: Session, name: str) -> None:

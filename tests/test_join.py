@@ -1,0 +1,82 @@
+"""The late-label join: out-of-order outcomes, window closing by watermark, retractions."""
+
+from datetime import UTC, datetime, timedelta
+
+from monitors.join import LabelJoin
+from ontology import definition_for
+from vigil.domain import Coding, Fact, Label, OutcomeFact, Prediction
+from vigil.settings import load_settings
+
+T0 = datetime(2026, 3, 1, 12, tzinfo=UTC)
+STENOSIS = Coding("http://snomed.info/sct", "233970002")
+
+
+def _join(model_id="cta-stenosis"):
+    model = load_settings().model(model_id)
+    return LabelJoin(model, definition_for(model.outcome)), model
+
+
+def _pred(rid="p1", subject="s1", score=0.7, at=T0):
+    return Prediction(rid, "1", "final", "cta-stenosis", "2.1.0", subject, None, at, score, site="site-a")
+
+
+def _stenosis(rid="c1", subject="s1", at=T0 + timedelta(days=20), status="active"):
+    fact = Fact("Condition", rid, "1", status, subject, None, (STENOSIS,), at)
+    return OutcomeFact(fact, STENOSIS, None, None, True)
+
+
+def test_outcome_inside_window_labels_positive_at_arrival():
+    join, _ = _join()
+    assert join.add_prediction(_pred()) is None
+    join.advance(T0 + timedelta(days=25))
+    [case] = join.add_fact(_stenosis())
+    assert case.label is Label.POSITIVE and case.decision is True
+    assert case.evidence == ("c1",)
+    assert case.labeled_at == T0 + timedelta(days=25)
+    assert case.outcome_definition == "cta-stenosis-ica@1"
+    assert join.pending == 0
+
+
+def test_outcome_arriving_before_the_prediction_still_joins():
+    join, _ = _join()
+    join.add_fact(_stenosis(at=T0 + timedelta(days=3)))
+    case = join.add_prediction(_pred())
+    assert case is not None and case.label is Label.POSITIVE
+
+
+def test_window_closes_negative_only_after_window_and_grace():
+    join, model = _join()
+    join.add_prediction(_pred(score=0.2))
+    closes = T0 + model.label_window + model.label_grace
+    assert join.advance(closes - timedelta(seconds=1)) == []
+    [case] = join.advance(closes)
+    assert case.label is Label.NEGATIVE and case.decision is False
+
+
+def test_outcome_outside_window_does_not_count():
+    join, model = _join()
+    join.add_prediction(_pred())
+    assert join.add_fact(_stenosis(at=T0 + model.label_window + timedelta(days=1))) == []
+    [case] = join.advance(T0 + model.label_window + model.label_grace + timedelta(days=2))
+    assert case.label is Label.NEGATIVE
+
+
+def test_retracted_prediction_leaves_the_join():
+    join, model = _join()
+    join.add_prediction(_pred())
+    assert join.retract_prediction("p1") is True
+    assert join.advance(T0 + timedelta(days=400)) == []
+
+
+def test_other_subjects_facts_do_not_label():
+    join, _ = _join()
+    join.add_prediction(_pred(subject="s1"))
+    assert join.add_fact(_stenosis(subject="s2")) == []
+    assert join.pending == 1
+
+
+def test_finite_feed_censors_what_is_still_open():
+    join, _ = _join()
+    join.add_prediction(_pred())
+    [case] = join.close_all()
+    assert case.label is Label.CENSORED
