@@ -55,8 +55,8 @@ def overview() -> Dashboard:
         .with_panel(stat_panel("Open alerts", "SELECT count(*) AS open_alerts FROM v_open_alerts", red_at=1))
         .with_panel(stat_panel("Critical", "SELECT count(*) AS critical FROM v_open_alerts WHERE severity = 'critical'",
                                red_at=1))
-        .with_panel(stat_panel("Not acknowledged", "SELECT count(*) AS firing FROM v_open_alerts WHERE state = 'firing'",
-                               red_at=1))
+        .with_panel(stat_panel("Not acknowledged",
+                               "SELECT count(*) AS firing FROM v_open_alerts WHERE state = 'firing'", red_at=1))
         .with_panel(stat_panel("Open tickets", "SELECT count(*) AS open_tickets FROM tickets WHERE status <> 'closed'"))
         .with_panel(stat_panel("Alarmed streams", "SELECT count(*) AS alarmed FROM v_stream_cells WHERE alarmed",
                                red_at=1))
@@ -200,16 +200,15 @@ def feed_health() -> Dashboard:
             "Labeled",
             f"SELECT avg((label IN ('positive', 'negative'))::int) AS labeled FROM cases "
             f"WHERE {_VERSION} AND $__timeFilter(predicted_at)",
-            width=12, description="Share of predictions in range with a ground-truth label (recent ones may still "
-                                  "be inside their label window).")
-                    .unit("percentunit"))
+            unit="percentunit", width=12,
+            description="Share of predictions in range with a ground-truth label (recent ones may still be inside "
+                        "their label window)."))
         .with_panel(stat_panel(
             "Median label delay",
             f"SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM labeled_at - predicted_at)) "
             f"AS delay FROM cases WHERE {_VERSION} AND label IN ('positive', 'negative') "
             f"AND $__timeFilter(predicted_at)",
-            width=12, description="Time from prediction to the outcome that labeled it.")
-                    .unit("s"))
+            unit="s", width=12, description="Time from prediction to the outcome that labeled it."))
         .with_row(Row("Runs"))
         .with_panel(table_panel(
             "Pipeline runs",

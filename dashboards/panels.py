@@ -25,17 +25,19 @@ from grafana_foundation_sdk.models.dashboard import (
 from dashboards.datasource import POSTGRES, SqlQuery
 
 
-def _alarm_thresholds(red_at: float) -> ThresholdsConfig:
-    return ThresholdsConfig().mode(ThresholdsMode.ABSOLUTE).steps(
-        [Threshold(value=None, color="green"), Threshold(value=red_at, color="red")])
+def _thresholds(red_at: float | None) -> ThresholdsConfig:
+    """Green below ``red_at`` and red from it; one neutral colour without it (Grafana's default turns red at 80)."""
+    steps = [Threshold(value=None, color="green"), Threshold(value=red_at, color="red")] if red_at is not None \
+        else [Threshold(value=None, color="blue")]
+    return ThresholdsConfig().mode(ThresholdsMode.ABSOLUTE).steps(steps)
 
 
-def stat_panel(title: str, sql: str, *, red_at: float | None = None, width: int = 4, height: int = 4,
-               description: str = "") -> stat.Panel:
+def stat_panel(title: str, sql: str, *, red_at: float | None = None, unit: str = "none", width: int = 4,
+               height: int = 4, description: str = "") -> stat.Panel:
     """One number; turns red at ``red_at`` so a non-zero count of open problems stands out."""
-    panel = (stat.Panel().title(title).description(description).datasource(POSTGRES).span(width).height(height)
-             .with_target(SqlQuery(sql)).color_mode(BigValueColorMode.BACKGROUND))
-    return panel.thresholds(_alarm_thresholds(red_at)) if red_at is not None else panel
+    return (stat.Panel().title(title).description(description).datasource(POSTGRES).span(width).height(height)
+            .unit(unit).with_target(SqlQuery(sql)).color_mode(BigValueColorMode.BACKGROUND)
+            .thresholds(_thresholds(red_at)))
 
 
 def table_panel(title: str, sql: str, *, width: int = 24, height: int = 8, description: str = "") -> table.Panel:

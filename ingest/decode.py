@@ -18,6 +18,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from ingest.deid import PERSON_TYPES, SubjectKeyer, find_identifiers, oldest_safe_birth_year, redact, safe_birth_year
+from ingest.reader import NOT_FHIR
 from vigil.domain import (
     Coding,
     DeadLetter,
@@ -85,18 +86,20 @@ class Decoder:
 
     def decode(self, resource: dict, position: Position) -> Record | DeadLetter | None:
         rtype = resource.get("resourceType")
+        if rtype.__class__ is not str:
+            return DeadLetter(position, NOT_FHIR)
         if self.strict and (problem := _validation_problem(resource)):
             return self._dead_letter(resource, position, problem)
         handler = self._handlers.get(rtype)
         if handler is None:
             return None
-        if rtype in PERSON_TYPES or "contained" in resource:
-            found = find_identifiers(resource, self._oldest_year)
-            if found and self.policy == "quarantine":
-                reason = f"{IDENTIFIERS_PRESENT}: {', '.join(found)}"
-                return DeadLetter(position, reason, rtype, self._safe_id(resource), payload=None)
-            self.stripped.update(found)
         try:
+            if rtype in PERSON_TYPES or "contained" in resource:
+                found = find_identifiers(resource, self._oldest_year)
+                if found and self.policy == "quarantine":
+                    reason = f"{IDENTIFIERS_PRESENT}: {', '.join(found)}"
+                    return DeadLetter(position, reason, rtype, self._safe_id(resource), payload=None)
+                self.stripped.update(found)
             return handler(resource)
         except Rejected as exc:
             return self._dead_letter(resource, position, str(exc))

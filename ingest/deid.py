@@ -58,7 +58,8 @@ def find_identifiers(resource: dict, oldest_year: int | None = None) -> list[str
     found: list[str] = []
     if resource.get("resourceType") in PERSON_TYPES:
         found.extend(_person_identifiers(resource, oldest_year))
-    for inner in resource.get("contained") or ():
+    contained = resource.get("contained")
+    for inner in contained if isinstance(contained, list) else ():
         if isinstance(inner, dict):
             found.extend(f"contained.{name}" for name in find_identifiers(inner, oldest_year))
     return list(dict.fromkeys(found))
@@ -74,23 +75,25 @@ def _person_identifiers(person: dict, oldest_year: int) -> list[str]:
             found.append(OVER_89)
     if person.get("deceasedDateTime"):
         found.append("deceasedDateTime")
-    if (person.get("text") or {}).get("div"):
+    text = person.get("text")
+    if isinstance(text, dict) and text.get("div"):
         found.append("text.div")
-    found.extend(f"extension {_last_segment(ext.get('url', ''))}" for ext in _identifying_extensions(person))
+    found.extend(f"extension {_last_segment(ext.get('url'))}" for ext in _identifying_extensions(person))
     return found
 
 
 def _identifying_extensions(element: dict) -> list[dict]:
+    extensions = element.get("extension")
     return [
         ext
-        for ext in element.get("extension") or ()
+        for ext in (extensions if isinstance(extensions, list) else ())
         if isinstance(ext, dict)
-        and (any(k in ext for k in _IDENTIFYING_VALUES) or ext.get("url", "").endswith("patient-mothersMaidenName"))
+        and (any(k in ext for k in _IDENTIFYING_VALUES) or str(ext.get("url")).endswith("patient-mothersMaidenName"))
     ]
 
 
-def _last_segment(url: str) -> str:
-    return url.rstrip("/").rsplit("/", 1)[-1] or "(no url)"
+def _last_segment(url: object) -> str:
+    return str(url or "").rstrip("/").rsplit("/", 1)[-1] or "(no url)"
 
 
 def safe_birth_year(birth_date: str, oldest_year: int) -> int:

@@ -176,27 +176,28 @@ class StreamMonitor:
             s = self.streams.get(key)
             if s is None or s.detector is None:
                 continue
-            z = (x - s.baseline) / s.sd if s.sd else x
-            if s.run_start is None:
+            d = s.detector
+            before = s.prev_stat
+            alarm = d.update((x - s.baseline) / s.sd if s.sd else x)
+            # where the current excursion began: the statistic left zero (CUSUM) or Z changed sign (EWMA)
+            centre = d.z if isinstance(d, Ewma) else d.statistic
+            if s.run_start is None or (before * centre <= 0 if isinstance(d, Ewma) else before <= 0):
                 s.run_start, s.run_n, s.run_sum = event_time, 0, 0.0
             s.run_n += 1
             s.run_sum += x
-            alarm = s.detector.update(z)
-            stat = s.detector.statistic
             point = s.points.get(day)
             if point is None:
                 point = s.points[day] = DayPoint(day)
             point.n += 1
             point.total += x
             point.total_sq += x * x
-            point.statistic, point.threshold = stat, s.detector.threshold
+            point.statistic, point.threshold = d.statistic, d.threshold
             if alarm:
                 signals.append(self._signal(s, watermark))
-                s.detector.reset()
-                s.run_start = None
-            elif _back_at_centre(s.prev_stat, stat, metric):
-                s.run_start = None
-            s.prev_stat = 0.0 if alarm else stat
+                d.reset()
+                s.run_start, s.prev_stat = None, 0.0
+            else:
+                s.prev_stat = centre
         return signals
 
     def _signal(self, s: Stream, watermark: datetime) -> Signal:
@@ -221,9 +222,3 @@ class StreamMonitor:
             n_current=s.run_n,
         )
 
-
-def _back_at_centre(prev: float, stat: float, metric: str) -> bool:
-    """Whether the chart statistic returned to its in-control centre (zero, or a sign change for EWMA)."""
-    if metric in MEAN_METRICS:
-        return stat == 0 or (prev != 0 and (prev > 0) != (stat > 0))
-    return stat <= 0

@@ -15,6 +15,7 @@ import subprocess
 import tomllib
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from decimal import Decimal
 from pathlib import Path
 
 import psycopg
@@ -245,7 +246,7 @@ def test_query_runs_on_postgresql_and_returns_rows(dashboard_db: psycopg.Connect
     columns, rows = _rows(dashboard_db, expand(query["rawSql"]))
     assert rows, f"{uid} {where} returned no rows from the seeded store"
     if query["format"] == "time_series":
-        assert columns[0] == "time" and all(isinstance(r[0], (datetime, float, int)) for r in rows)
+        assert columns[0] == "time" and all(isinstance(r[0], (datetime, Decimal)) for r in rows)
     if where.startswith("annotation"):
         assert {"time", "timeend", "text", "tags"} <= set(columns)
 

@@ -163,7 +163,7 @@ def test_stable_world_meets_its_targets_everywhere(feeds):
         assert np.mean([c["label"] for c in cases]) == pytest.approx(prevalence, abs=0.02)
         sens, spec = rates(cases, threshold)
         assert sens == pytest.approx(0.85, abs=0.05) and spec == pytest.approx(0.80, abs=0.05), (model, sens, spec)
-        assert 0.85 <= _auroc(cases) <= 0.93
+        assert 0.86 <= _auroc(cases) <= 0.91
         for cell in ("site-a", "site-b", "site-c"):
             sens, spec = rates([c for c in cases if c["site"] == cell], threshold)
             assert abs(sens - 0.85) < 0.07 and abs(spec - 0.80) < 0.07, (model, cell, sens, spec)

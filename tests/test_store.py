@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -347,3 +348,30 @@ def test_next_id_counts_per_table_and_past_six_digits(session: Session) -> None:
     session.add(AlertRow.from_alert(make_alert("A-1000000")))
     assert store.next_id(session, AlertRow, "A") == "A-1000001"  # not "A-1000000" again (text order puts it first)
     session.commit()
+
+
+@pytest.mark.postgres
+def test_concurrent_id_allocation_on_postgres_never_collides(fresh_postgres_url: str) -> None:
+    store.upgrade(fresh_postgres_url)
+    factory = store.session_factory(fresh_postgres_url)
+    start, errors = threading.Barrier(3), []
+
+    def allocate() -> None:
+        try:
+            start.wait()
+            for _ in range(8):
+                with factory() as s, s.begin():
+                    s.add(AlertRow.from_alert(make_alert(store.next_id(s, AlertRow, "A"))))
+        except BaseException as exc:  # surfaced below, the thread cannot raise into the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=allocate) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with factory() as s:
+        ids = s.scalars(select(AlertRow.id).order_by(AlertRow.id)).all()
+    factory.kw["bind"].dispose()
+    assert errors == []
+    assert ids == [f"A-{i:06d}" for i in range(1, 25)]

@@ -368,9 +368,10 @@ def audit_verify(store: StoreOpt = None, json: JsonOpt = False) -> None:
         result = audit.verify(s)
     if json:
         _print_json({"ok": result.ok, "checked": result.checked, "first_bad_seq": result.first_bad_seq,
-                     "reason": result.reason})
+                     "reason": result.reason, "head_hash": result.head_hash})
     elif result.ok:
-        console.print(f"[green]audit log intact[/]: {result.checked} records verified")
+        console.print(f"[green]audit log intact[/]: {result.checked} records verified; head {result.head_hash} "
+                      "(keep it elsewhere to detect truncation)")
     else:
         console.print(f"[red]audit log broken at seq {result.first_bad_seq}[/]: {result.reason}")
     raise typer.Exit(0 if result.ok else 1)

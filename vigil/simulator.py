@@ -25,8 +25,8 @@ from vigil.scenarios import (
 SCENARIOS: tuple[str, ...] = tuple(s.name for s in SCENARIO_LIST)
 
 MINUTE, HOUR, DAY = 60, 3600, 86_400
-SCORE_SD = 1.5
-"""Spread of logit(score) within each class; sets how spread out scores look, not the ROC curve."""
+SCORE_SD = (1.5, 0.75)
+"""Spread of logit(score) among negatives and positives; their ratio sets the ROC curve's shape (AUROC ≈ 0.89)."""
 FP_ANGIOGRAM_SHARE = 0.40  # CTA false positives referred to invasive angiography
 AMENDED_SHARE = 0.01  # outcome Conditions re-sent as version 2 with the same content
 
@@ -226,15 +226,18 @@ def _draw_predictions(rng: np.random.Generator, model: ModelSpec, site: Site, sp
 
 def _binormal_scores(positive: np.ndarray, z: np.ndarray, sensitivity: np.ndarray, specificity: float,
                      threshold: float) -> np.ndarray:
-    """Scores from the equal-variance binormal ROC model (Dorfman & Alf 1969; Metz 1978, Semin Nucl Med 8:283).
+    """Scores from the binormal ROC model (Dorfman & Alf 1969; Metz 1978, Semin Nucl Med 8:283).
 
-    logit(score) ~ N(mu_y, SCORE_SD²), with mu_y placed so that P(score >= threshold | positive) = sensitivity and
-    P(score < threshold | negative) = specificity. The AUROC is Φ((Φ⁻¹(sens) + Φ⁻¹(spec)) / √2): 0.91 at 0.85/0.80.
-    Lowering a positive's sensitivity moves only its own mean, so decay shows up as false negatives alone.
+    logit(score) ~ N(mu_y, sd_y²), with mu_y placed so that P(score >= threshold | positive) = sensitivity and
+    P(score < threshold | negative) = specificity. The AUROC is Φ((sd₁·Φ⁻¹(sens) + sd₀·Φ⁻¹(spec)) / √(sd₀² + sd₁²)):
+    0.89 at 0.85/0.80 with SCORE_SD. Lowering a positive's sensitivity moves only its own mean, so decay shows up as
+    false negatives alone.
     """
+    sd_negative, sd_positive = SCORE_SD
     cut = logit(threshold)
-    mean = np.where(positive, cut + SCORE_SD * ndtri(sensitivity), cut - SCORE_SD * ndtri(specificity))
-    return np.round(expit(mean + SCORE_SD * z), 4)
+    sd = np.where(positive, sd_positive, sd_negative)
+    mean = np.where(positive, cut + sd_positive * ndtri(sensitivity), cut - sd_negative * ndtri(specificity))
+    return np.round(expit(mean + sd * z), 4)
 
 
 def _emit_predictions(feed: _Feed, c: _Cohort) -> None:

@@ -427,7 +427,8 @@ def _sqlite_begin_immediate(connection: Any) -> None:
 
 
 def session_factory(url: str) -> sessionmaker[Session]:
-    """Sessions on the store at ``url``; objects stay readable after commit (CLI and API print them)."""
+    """Sessions on the store at ``url`` (a new engine: make one factory per process); objects stay readable after
+    commit, since the CLI and API print them."""
     return sessionmaker(engine_for(url), expire_on_commit=False)
 
 
