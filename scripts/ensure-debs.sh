@@ -3,6 +3,7 @@
 set -euo pipefail
 missing=()
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+command -v docker-compose >/dev/null || missing+=(docker-compose)   # validates docker-compose.yml (no engine needed)
 [ ${#missing[@]} -eq 0 ] && exit 0
 echo "installing Debian packages for the tests: ${missing[*]}"
 sudo=""

@@ -341,9 +341,9 @@ def _docker_compose(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60, env=env, cwd=ROOT)
 
 
-@pytest.mark.skipif(shutil.which("docker-compose") is None,
-                    reason="Debian's docker-compose is not installed (apt-get install -y docker-compose)")
 def test_docker_compose_config_accepts_the_file_and_demands_the_secrets() -> None:
+    """No Docker engine runs here: Debian's docker-compose validates the file (`make test` installs it)."""
+    assert shutil.which("docker-compose"), "docker-compose is missing: run `make test`, which apt-installs it"
     base = {k: v for k, v in os.environ.items() if k not in SECRETS}
     done = _docker_compose(base | SECRETS)
     assert done.returncode == 0, done.stderr

@@ -294,7 +294,7 @@ def _emit_angiography(feed: _Feed, rng: np.random.Generator, c: _Cohort, spec: S
     encounter_ids, procedure_ids, condition_ids = _ids(rng, n), _ids(rng, n), _ids(rng, n)
 
     referred = c.positive | ((c.score >= c.model.threshold) & (u_referred < FP_ANGIOGRAM_SHARE))
-    recoded = (c.occurrence >= change) if spec.recode and spec.recode.site == c.site.id else np.zeros(n, bool)
+    recoded = (c.occurrence >= change - 5 * DAY) if spec.recode and spec.recode.site == c.site.id else np.zeros(n, bool)
     stenosis = {"coding": [_coding(c.site.stenosis)]}
     broken = {"coding": [_coding(spec.recode.stenosis)]} if spec.recode else stenosis
     angiography = {"coding": [_coding(c.site.angiography)]}
