@@ -12,7 +12,7 @@ JSON), so a stream's detector can be checkpointed in the store with its source o
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, Self, runtime_checkable
 
 
 @runtime_checkable
@@ -48,6 +48,7 @@ class _Chart:
         self._restart()
 
     def _restart(self) -> None:
+        """Reset the chart's own run state; every chart defines it."""
         raise NotImplementedError
 
     def state(self) -> dict[str, Any]:
@@ -58,7 +59,7 @@ class _Chart:
         }
 
     @classmethod
-    def from_state(cls, d: dict[str, Any]):
+    def from_state(cls, d: dict[str, Any]) -> Self:
         if d.get("type") != cls.__name__:
             raise ValueError(f"state is for a {d.get('type')!r} detector, not {cls.__name__}; "
                              "use monitors.detectors.detector_from_state to restore any detector")
@@ -146,10 +147,10 @@ class Ewma(_Chart):
     The change point is where Z last crossed the centre line (the first observation of its current sign).
 
     >>> ewma = Ewma(lam=0.2, L=2.962)
-    >>> [ewma.update(x) for x in [0.3, -0.4, 1.5, 1.8, 2.2]]
-    [False, False, False, False, True]
+    >>> [ewma.update(x) for x in [0.3, -0.4, 1.5, 1.8, 2.2, 1.9]]
+    [False, False, False, False, False, True]
     >>> ewma.change_index, ewma.direction, round(ewma.statistic, 2)
-    (3, 1, 3.71)
+    (3, 1, 3.31)
     """
 
     __slots__ = ("lam", "limits", "z", "direction", "_decay", "_run_start", "_sigma", "_decay_step")
@@ -237,7 +238,7 @@ class BernoulliCusum(_UpperCusum):
     >>> chart = BernoulliCusum(p0=0.05, p1=0.10, h=2.0)
     >>> alarms = [chart.update(y) for y in [0] * 30 + [1, 0, 1, 1]]
     >>> alarms[-1], chart.n, chart.change_index, round(chart.statistic, 2)
-    (True, 34, 31, 2.02)
+    (True, 34, 31, 2.03)
     """
 
     __slots__ = ("p0", "p1", "_w1", "_w0")

@@ -158,7 +158,7 @@ class StreamMonitor:
                 mean = s.b_sum / s.b_n
                 var = max(s.b_sumsq / s.b_n - mean * mean, 1e-12)
                 s.baseline, s.sd = mean, math.sqrt(var)
-                s.detector = Ewma(self.cfg.ewma_lambda, ewma_threshold(self.cfg.ewma_lambda, s.arl0), limits="exact")
+                s.detector = Ewma(self.cfg.ewma_lambda, ewma_threshold(self.cfg.ewma_lambda, s.arl0, limits="exact"), limits="exact")
             else:
                 # Jeffreys-style estimate keeps p0 off zero for streams that never erred in baseline
                 p0 = (s.b_sum + 0.5) / (s.b_n + 1)

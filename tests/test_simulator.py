@@ -108,6 +108,18 @@ def test_scenario_names_and_errors(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_rerun_into_the_same_directory_leaves_nothing_stale(tmp_path):
+    simulate("stable", tmp_path / "reused", days=20, volume=0.2)
+    small = {"days": 1, "volume": 0.02, "seed": 5}
+    simulate("stable", tmp_path / "reused", **small)
+    simulate("stable", tmp_path / "fresh", **small)
+    assert (tmp_path / "fresh" / "Condition.000.ndjson").read_bytes() == b""  # too few CTAs for a stenosis
+    assert sorted(p.name for p in (tmp_path / "reused").iterdir()) == sorted(
+        p.name for p in (tmp_path / "fresh").iterdir())
+    for p in (tmp_path / "fresh").iterdir():
+        assert (tmp_path / "reused" / p.name).read_bytes() == p.read_bytes(), p.name
+
+
 def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tmp_path):
     kw = {"days": 8, "volume": 0.3, "change_day": 4}
     a, b, c = (run(tmp_path / d, "scanner-upgrade", seed=s, **kw) for d, s in (("a", 3), ("b", 3), ("c", 4)))
@@ -260,6 +272,29 @@ _DESCRIBED = re.compile(rb'"(?:occurrenceDateTime|onsetDateTime|performedDateTim
 _ARRIVED = re.compile(rb'"lastUpdated":"([^"]+)"')
 
 
+def test_aki_labels_are_unambiguous_after_rounding_and_unit_conversion(feeds):
+    """Creatinine moves by <= 0.2 mg/dL or rises by >= 0.4 mg/dL, so the KDIGO 0.3 mg/dL cut never sits on a value."""
+    feed = feeds["stable"]
+    occurred = {r["subject"]["reference"]: when(r["occurrenceDateTime"]) for r in feed.of("RiskAssessment")}
+    series: dict[str, list[tuple[datetime, float]]] = defaultdict(list)
+    for o in feed.of("Observation"):
+        q = o["valueQuantity"]
+        series[o["subject"]["reference"]].append(
+            (when(o["effectiveDateTime"]), q["value"] / 88.42 if q["code"] == "umol/L" else q["value"]))
+    rises = []
+    for subject, values in series.items():
+        t = occurred[subject]
+        (_, baseline), *follow_ups = sorted(values)
+        assert len(follow_ups) == 2 and all(t < ts <= t + timedelta(hours=48) for ts, _ in follow_ups)
+        assert baseline >= 0.49
+        peak = max(v for _, v in follow_ups)
+        rises.append((peak - baseline, peak / baseline))
+    rises, ratios = np.array(rises).T
+    assert not ((rises > 0.215) & (rises < 0.385)).any()
+    assert (ratios[rises < 0.3] < 1.45).all()  # nor does the relative (1.5 × baseline) criterion
+    assert (rises >= 0.385).mean() == pytest.approx(0.12, abs=0.02)
+
+
 def _before(feed: Feed) -> dict[str, list[bytes]]:
     """Lines for what happened before the change: the part of the feed a scenario must not touch."""
     change = CHANGE_AT.isoformat().encode()
@@ -342,9 +377,10 @@ def test_subgroup_decay_hits_only_patients_aged_80_and_over_after_the_change(fee
     cases = feeds["subgroup-decay"].cases("cta-stenosis")
     old_after = [c for c in cases if c["age"] >= 80 and c["time"] >= CHANGE_AT]
     assert rates(old_after, 0.5)[0] == pytest.approx(0.55, abs=0.1)
-    for cell in ([c for c in cases if c["age"] < 80 and c["time"] >= CHANGE_AT],
-                 [c for c in cases if c["age"] >= 80 and c["time"] < CHANGE_AT]):
-        assert rates(cell, 0.5)[0] > 0.77
+    assert rates([c for c in cases if c["age"] >= 80 and c["time"] < CHANGE_AT], 0.5)[0] > 0.77
+    for low, high in ((18, 50), (50, 65), (65, 80)):
+        band = [c for c in cases if low <= c["age"] < high and c["time"] >= CHANGE_AT]
+        assert rates(band, 0.5)[0] > 0.76, (low, high)
 
 
 EXPECTED = {

@@ -119,7 +119,10 @@ class ScannerSwap:
 
 @dataclass(frozen=True, slots=True)
 class Recode:
-    """From the change on, `site` sends the stenosis Condition under a code no ConceptMap knows."""
+    """`site` sends the stenosis Condition under a code no ConceptMap knows, for every CT done from the change on.
+
+    Keyed to the CT's time (not the Condition's arrival) so that the cases the monitors see, which are indexed by
+    prediction time, change exactly at the change time; every recoded Condition also arrives after it."""
 
     site: str
     stenosis: Coding
@@ -223,7 +226,7 @@ class Change:
     spec: ChangeSpec
     change_time: datetime
 
-    def to_json(self) -> dict:
+    def to_dict(self) -> dict:
         s = self.spec
         return {
             "model": s.model, "site": s.site, "subgroup": s.subgroup,
@@ -233,7 +236,7 @@ class Change:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> Change:
+    def from_dict(cls, d: dict) -> Change:
         spec = ChangeSpec(d["model"], d["site"], d["subgroup"], d["cause"], d["expected_category"],
                           tuple(d["metrics_affected"]), d["description"])
         return cls(spec, datetime.fromisoformat(d["change_time"]))
@@ -249,21 +252,21 @@ class GroundTruth:
     days: int
     changes: tuple[Change, ...]
 
-    def to_json(self) -> dict:
+    def to_dict(self) -> dict:
         return {"scenario": self.scenario, "seed": self.seed, "start": self.start.isoformat(), "days": self.days,
-                "changes": [c.to_json() for c in self.changes]}
+                "changes": [c.to_dict() for c in self.changes]}
 
     @classmethod
-    def from_json(cls, d: dict) -> GroundTruth:
+    def from_dict(cls, d: dict) -> GroundTruth:
         return cls(d["scenario"], d["seed"], date.fromisoformat(d["start"]), d["days"],
-                   tuple(Change.from_json(c) for c in d["changes"]))
+                   tuple(Change.from_dict(c) for c in d["changes"]))
 
     @classmethod
     def load(cls, path: Path) -> GroundTruth:
         """Read `ground_truth.json` (or the directory holding it)."""
         path = path / "ground_truth.json" if path.is_dir() else path
         try:
-            return cls.from_json(orjson.loads(path.read_bytes()))
+            return cls.from_dict(orjson.loads(path.read_bytes()))
         except (KeyError, TypeError, ValueError, orjson.JSONDecodeError) as exc:
             raise ValueError(f"{path} is not a vigil ground-truth file ({exc}); regenerate it with "
                              "`vigil simulate`") from None

@@ -23,6 +23,8 @@ from vigil.scenarios import (
 )
 
 SCENARIOS: tuple[str, ...] = tuple(s.name for s in SCENARIO_LIST)
+RESOURCE_TYPES = ("Organization", "Device", "Patient", "Encounter", "RiskAssessment", "Condition", "Procedure",
+                  "Observation")
 
 MINUTE, HOUR, DAY = 60, 3600, 86_400
 SCORE_SD = (1.5, 0.75)
@@ -53,7 +55,9 @@ def simulate(scenario: str, out: Path, seed: int = 7, days: int = 180, start: da
              change_day: int = 100, volume: float = 1.0) -> GroundTruth:
     """Write the feed for `scenario` into `out` and return (and write) its ground truth.
 
-    The change happens at midnight UTC of `start + change_day`; `volume` scales the number of predictions.
+    Predictions are made over `days` days from `start`; their outcomes are followed up past that (angiography up to
+    60 days later, arriving up to 14 days after), so every prediction can be labelled. The change happens at
+    midnight UTC of `start + change_day`; `volume` scales the number of predictions.
     """
     spec = find_scenario(scenario)
     if seed < 0 or days < 1 or volume <= 0:
@@ -79,7 +83,7 @@ def simulate(scenario: str, out: Path, seed: int = 7, days: int = 180, start: da
     feed.write(out)
     when = datetime.fromtimestamp(change, timezone.utc)
     truth = GroundTruth(scenario, seed, start, days, tuple(Change(c, when) for c in spec.changes))
-    (out / "ground_truth.json").write_bytes(orjson.dumps(truth.to_json(), option=orjson.OPT_INDENT_2))
+    (out / "ground_truth.json").write_bytes(orjson.dumps(truth.to_dict(), option=orjson.OPT_INDENT_2))
     return truth
 
 
@@ -89,11 +93,12 @@ class _Feed:
     __slots__ = ("_lines",)
 
     def __init__(self) -> None:
-        self._lines: dict[str, list[tuple[str, str, bytes]]] = {}
+        # every type gets a file, even an empty one, so a rerun into the same directory leaves nothing stale
+        self._lines: dict[str, list[tuple[str, str, bytes]]] = {t: [] for t in RESOURCE_TYPES}
 
     def add(self, resource: dict) -> None:
         key = (resource["meta"]["lastUpdated"], resource["id"])
-        self._lines.setdefault(resource["resourceType"], []).append((*key, orjson.dumps(resource)))
+        self._lines[resource["resourceType"]].append((*key, orjson.dumps(resource)))
 
     def write(self, out: Path) -> None:
         for rtype, lines in self._lines.items():
@@ -113,10 +118,9 @@ def _coding(c: Coding) -> dict:
     return {"system": c.system, "code": c.code, "display": c.display}
 
 
-def _iso(seconds: np.ndarray | int) -> list[str]:
+def _iso(seconds: np.ndarray) -> list[str]:
     """Epoch seconds → FHIR instants (`2026-01-01T08:00:00Z`), vectorised."""
-    stamps = np.datetime_as_string(np.asarray(seconds, dtype="int64").astype("datetime64[s]"))
-    return np.char.add(stamps, "Z").tolist()
+    return np.char.add(np.datetime_as_string(seconds.astype("datetime64[s]")), "Z").tolist()
 
 
 def _ids(rng: np.random.Generator, n: int) -> list[str]:
@@ -136,7 +140,7 @@ def _pick(u: np.ndarray, weights: tuple[float, ...]) -> np.ndarray:
 
 def _reference_data(feed: _Feed, spec: Scenario, when: int, change: int) -> None:
     """Sites and Devices, delivered before anything uses them (a swapped-in scanner arrives at the change)."""
-    stamp = _iso(when)
+    stamp, arrives_at_change = _iso(np.array([when, change]))
     for site in SITES:
         feed.add({"resourceType": "Organization", "id": site.id, "meta": _meta(stamp), "active": True,
                   "name": site.name})
@@ -147,7 +151,7 @@ def _reference_data(feed: _Feed, spec: Scenario, when: int, change: int) -> None
                   "deviceName": [{"name": model.id, "type": "model-name"}],
                   "version": [{"type": {"text": "software-version"}, "value": model.version}]})
     if spec.swap:
-        feed.add(_scanner_device(spec.swap.scanner, spec.swap.site, _iso(change)))
+        feed.add(_scanner_device(spec.swap.scanner, spec.swap.site, arrives_at_change))
 
 
 def _device_kind(code: str) -> dict:
@@ -177,7 +181,9 @@ class _Cohort:
     positive: np.ndarray  # the true outcome
     score: np.ndarray
     scanner: list[Scanner] | None
-    patient: dict[str, list]  # ids, genders, races, ethnicities
+    gender: list[str]
+    race: list[int]  # index into _RACES
+    ethnicity: list[int]  # index into _ETHNICITIES
     ids: tuple[list[str], list[str], list[str]]  # patient, encounter, RiskAssessment
 
 
@@ -215,13 +221,12 @@ def _draw_predictions(rng: np.random.Generator, model: ModelSpec, site: Site, sp
         sensitivity[after & (age >= spec.decay.min_age)] = spec.decay.sensitivity
     score = _binormal_scores(positive, z, sensitivity, model.specificity, model.threshold)
 
-    patient = {
-        "gender": np.where(u_gender < model.male_share, "male",
-                           np.where(u_gender > 1 - _UNKNOWN_GENDER_SHARE, "unknown", "female")).tolist(),
-        "race": _pick(u_race, tuple(r[3] for r in _RACES)).tolist(),
-        "ethnicity": _pick(u_ethnicity, tuple(e[3] for e in _ETHNICITIES)).tolist(),
-    }
-    return _Cohort(model, site, occurrence, encounter_start, arrival, age, positive, score, scanner, patient, ids)
+    gender = np.where(u_gender < model.male_share, "male",
+                      np.where(u_gender > 1 - _UNKNOWN_GENDER_SHARE, "unknown", "female")).tolist()
+    race = _pick(u_race, tuple(r[3] for r in _RACES)).tolist()
+    ethnicity = _pick(u_ethnicity, tuple(e[3] for e in _ETHNICITIES)).tolist()
+    return _Cohort(model, site, occurrence, encounter_start, arrival, age, positive, score, scanner, gender, race,
+                   ethnicity, ids)
 
 
 def _binormal_scores(positive: np.ndarray, z: np.ndarray, sensitivity: np.ndarray, specificity: float,
@@ -256,8 +261,8 @@ def _emit_predictions(feed: _Feed, c: _Cohort) -> None:
     scores = c.score.tolist()
     for i, (pid, eid, rid) in enumerate(zip(patient_ids, encounter_ids, ra_ids)):
         feed.add({"resourceType": "Patient", "id": pid, "meta": _meta(patient_arrival[i]),
-                  "extension": [races[c.patient["race"][i]], ethnicities[c.patient["ethnicity"][i]]],
-                  "gender": c.patient["gender"][i], "birthDate": str(years[i])})
+                  "extension": [races[c.race[i]], ethnicities[c.ethnicity[i]]],
+                  "gender": c.gender[i], "birthDate": str(years[i])})
         feed.add({"resourceType": "Encounter", "id": eid, "meta": _meta(starts[i]), "status": "in-progress",
                   "class": encounter_class, "subject": _ref("Patient", pid), "period": {"start": starts[i]},
                   "serviceProvider": site_ref})
@@ -294,7 +299,7 @@ def _emit_angiography(feed: _Feed, rng: np.random.Generator, c: _Cohort, spec: S
     encounter_ids, procedure_ids, condition_ids = _ids(rng, n), _ids(rng, n), _ids(rng, n)
 
     referred = c.positive | ((c.score >= c.model.threshold) & (u_referred < FP_ANGIOGRAM_SHARE))
-    recoded = (c.occurrence >= change - 5 * DAY) if spec.recode and spec.recode.site == c.site.id else np.zeros(n, bool)
+    recoded = (c.occurrence >= change) if spec.recode and spec.recode.site == c.site.id else np.zeros(n, bool)
     stenosis = {"coding": [_coding(c.site.stenosis)]}
     broken = {"coding": [_coding(spec.recode.stenosis)]} if spec.recode else stenosis
     angiography = {"coding": [_coding(c.site.angiography)]}
