@@ -97,6 +97,7 @@ class StreamMonitor:
         self.streams: dict[StreamKey, Stream] = {}
         self._buffer: dict[str, list[tuple[str, list[str], float, datetime]]] = {m: [] for m in self.metrics}
         self._active: set[str] = set()
+        self._groups: dict[tuple[str, str, tuple[str, ...]], list[Stream]] = {}
 
     # --- input ---------------------------------------------------------------------------------------
 
@@ -107,8 +108,8 @@ class StreamMonitor:
             return []
         signals = self.advance(watermark)
         if event_time < self.baseline_end:
-            for key in self._keys(metric, site, cells):
-                self._stream(key).add_baseline(x)
+            for stream in self._group(metric, site, cells):
+                stream.add_baseline(x)
         elif metric in self._active:
             signals += self._update(metric, site, cells, x, event_time, watermark)
         else:
@@ -129,15 +130,23 @@ class StreamMonitor:
 
     # --- internals -------------------------------------------------------------------------------------
 
-    def _keys(self, metric: str, site: str, cells: list[str]) -> list[StreamKey]:
-        sites = (site, ALL) if site != ALL else (ALL,)
-        return [StreamKey(self.model.id, self.version, metric, s, c) for s in sites for c in cells]
+    def _group(self, metric: str, site: str, cells: list[str]) -> list[Stream]:
+        """The streams one observation feeds: its site and "all", each subgroup cell; cached per combination."""
+        group_key = (metric, site, tuple(cells))
+        group = self._groups.get(group_key)
+        if group is None:
+            sites = (site, ALL) if site != ALL else (ALL,)
+            group = self._groups[group_key] = [
+                self._stream(StreamKey(self.model.id, self.version, metric, s, c)) for s in sites for c in cells]
+        return group
 
     def _stream(self, key: StreamKey) -> Stream:
         stream = self.streams.get(key)
         if stream is None:
             name = "ewma" if key.metric in MEAN_METRICS else "bernoulli_cusum"
             stream = self.streams[key] = Stream(key, name)
+            if key.metric in self._active:  # a cell first seen after the baseline (e.g. a new scanner) has none
+                stream.status = "insufficient_data"
         return stream
 
     def _calibrate(self, metric: str) -> None:
@@ -152,16 +161,17 @@ class StreamMonitor:
         # the family budget is shared equally by the metrics, then by the streams of each metric
         share = len(eligible) * len(self.metrics)
         for s in eligible:
-            s.arl0 = stream_arl0(self.cfg.budget.false_alarms, self.cfg.budget.per_days, share, s.b_n / days,
-                                 cap=self.cfg.max_arl0)
+            s.arl0 = _ceil_to_grid(stream_arl0(self.cfg.budget.false_alarms, self.cfg.budget.per_days, share,
+                                               s.b_n / days, cap=self.cfg.max_arl0))
             if metric in MEAN_METRICS:
                 mean = s.b_sum / s.b_n
                 var = max(s.b_sumsq / s.b_n - mean * mean, 1e-12)
                 s.baseline, s.sd = mean, math.sqrt(var)
                 s.detector = Ewma(self.cfg.ewma_lambda, ewma_threshold(self.cfg.ewma_lambda, s.arl0, limits="exact"), limits="exact")
             else:
-                # Jeffreys-style estimate keeps p0 off zero for streams that never erred in baseline
-                p0 = (s.b_sum + 0.5) / (s.b_n + 1)
+                # Jeffreys-style estimate keeps p0 off zero for streams that never erred in baseline; two significant
+                # digits are finer than its sampling error and let streams share one exact calibration
+                p0 = float(f"{(s.b_sum + 0.5) / (s.b_n + 1):.2g}")
                 odds = p0 / (1 - p0) * self.cfg.odds_ratio
                 p1 = odds / (1 + odds)
                 s.baseline = p0
@@ -172,9 +182,8 @@ class StreamMonitor:
                 watermark: datetime) -> list[Signal]:
         signals = []
         day = event_time.replace(hour=0, minute=0, second=0, microsecond=0)
-        for key in self._keys(metric, site, cells):
-            s = self.streams.get(key)
-            if s is None or s.detector is None:
+        for s in self._group(metric, site, cells):
+            if s.detector is None:
                 continue
             d = s.detector
             before = s.prev_stat
@@ -222,3 +231,7 @@ class StreamMonitor:
             n_current=s.run_n,
         )
 
+
+def _ceil_to_grid(arl0: float, steps_per_decade: int = 10) -> float:
+    """Round an ARL0 *up* to a log grid (26 % steps): a little more conservative, and calibrations are shared."""
+    return 10 ** (math.ceil(math.log10(arl0) * steps_per_decade - 1e-9) / steps_per_decade)
