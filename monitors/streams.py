@@ -25,9 +25,9 @@ from monitors.detectors import BernoulliCusum, Ewma
 from vigil.domain import ALL, Signal, StreamKey
 from vigil.settings import ModelConfig, MonitorConfig, SubgroupConfig
 
-RATE_METRICS = ("error_rate", "fnr", "fpr", "unmapped_rate")
+RATE_METRICS = ("error_rate", "fnr", "fpr", "outcome_rate", "unmapped_rate")
 MEAN_METRICS = ("score_mean",)
-LABELED_METRICS = ("error_rate", "fnr", "fpr")
+LABELED_METRICS = ("error_rate", "fnr", "fpr", "outcome_rate")
 
 
 def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -59,23 +59,27 @@ class Stream:
     detector_name: str
     status: str = "baseline"  # baseline | active | insufficient_data
     b_n: int = 0
-    b_sum: float = 0.0
+    b_sum: float = 0.0  # of the charted value: the 0/1 event, or the score's log-odds
     b_sumsq: float = 0.0
-    baseline: float | None = None
+    b_raw: float = 0.0  # of the reported value (the score itself)
+    baseline: float | None = None  # reported in-control value (rate, or mean score)
+    centre: float = 0.0  # charted in-control mean and sd (log-odds scale for scores)
     sd: float | None = None
     arl0: float | None = None
     detector: BernoulliCusum | Ewma | None = None
     run_start: datetime | None = None  # event time at which the statistic last left its centre
     run_n: int = 0
     run_sum: float = 0.0
+    run_sumsq: float = 0.0
     prev_stat: float = 0.0
     alarms: int = 0
     points: dict[datetime, DayPoint] = field(default_factory=dict)
 
-    def add_baseline(self, x: float) -> None:
+    def add_baseline(self, x: float, charted: float) -> None:
         self.b_n += 1
-        self.b_sum += x
-        self.b_sumsq += x * x
+        self.b_raw += x
+        self.b_sum += charted
+        self.b_sumsq += charted * charted
 
 
 class StreamMonitor:
@@ -108,8 +112,9 @@ class StreamMonitor:
             return []
         signals = self.advance(watermark)
         if event_time < self.baseline_end:
+            charted = _logit(x) if metric in MEAN_METRICS else x
             for stream in self._group(metric, site, cells):
-                stream.add_baseline(x)
+                stream.add_baseline(x, charted)
         elif metric in self._active:
             signals += self._update(metric, site, cells, x, event_time, watermark)
         else:
@@ -164,17 +169,18 @@ class StreamMonitor:
             s.arl0 = _ceil_to_grid(stream_arl0(self.cfg.budget.false_alarms, self.cfg.budget.per_days, share,
                                                s.b_n / days, cap=self.cfg.max_arl0))
             if metric in MEAN_METRICS:
+                # scores are charted as log-odds, which are close to normal for a calibrated risk model
+                # (binormal ROC model, Metz 1978); raw probabilities are skewed and would break the ARL0
                 mean = s.b_sum / s.b_n
-                var = max(s.b_sumsq / s.b_n - mean * mean, 1e-12)
-                s.baseline, s.sd = mean, math.sqrt(var)
-                s.detector = Ewma(self.cfg.ewma_lambda, ewma_threshold(self.cfg.ewma_lambda, s.arl0, limits="exact"), limits="exact")
+                s.centre, s.sd = mean, math.sqrt(max(s.b_sumsq / s.b_n - mean * mean, 1e-12))
+                s.baseline = s.b_raw / s.b_n
+                lam = self.cfg.ewma_lambda
+                s.detector = Ewma(lam, ewma_threshold(lam, s.arl0, limits="exact"), limits="exact")
             else:
-                # Jeffreys-style estimate keeps p0 off zero for streams that never erred in baseline; two significant
-                # digits are finer than its sampling error and let streams share one exact calibration
-                p0 = float(f"{(s.b_sum + 0.5) / (s.b_n + 1):.2g}")
+                s.baseline = (s.b_sum + 0.5) / (s.b_n + 1)  # Jeffreys-style: off zero for error-free baselines
+                p0 = _design_rate(s.b_sum, s.b_n)
                 odds = p0 / (1 - p0) * self.cfg.odds_ratio
                 p1 = odds / (1 + odds)
-                s.baseline = p0
                 s.detector = BernoulliCusum(p0, p1, bernoulli_threshold(p0, p1, s.arl0))
             s.status = "active"
 
@@ -187,13 +193,14 @@ class StreamMonitor:
                 continue
             d = s.detector
             before = s.prev_stat
-            alarm = d.update((x - s.baseline) / s.sd if s.sd else x)
+            alarm = d.update((_logit(x) - s.centre) / s.sd if s.sd else x)
             # where the current excursion began: the statistic left zero (CUSUM) or Z changed sign (EWMA)
             centre = d.z if isinstance(d, Ewma) else d.statistic
             if s.run_start is None or (before * centre <= 0 if isinstance(d, Ewma) else before <= 0):
-                s.run_start, s.run_n, s.run_sum = event_time, 0, 0.0
+                s.run_start, s.run_n, s.run_sum, s.run_sumsq = event_time, 0, 0.0, 0.0
             s.run_n += 1
             s.run_sum += x
+            s.run_sumsq += x * x
             point = s.points.get(day)
             if point is None:
                 point = s.points[day] = DayPoint(day)
@@ -213,7 +220,8 @@ class StreamMonitor:
         s.alarms += 1
         current = s.run_sum / s.run_n
         if s.key.metric in MEAN_METRICS:
-            half = 1.96 * s.sd / math.sqrt(s.run_n)
+            sd = math.sqrt(max(s.run_sumsq / s.run_n - current * current, 0.0))
+            half = 1.96 * sd / math.sqrt(s.run_n)
             ci = (current - half, current + half)
         else:
             ci = wilson(s.run_sum, s.run_n)
@@ -235,3 +243,19 @@ class StreamMonitor:
 def _ceil_to_grid(arl0: float, steps_per_decade: int = 10) -> float:
     """Round an ARL0 *up* to a log grid (26 % steps): a little more conservative, and calibrations are shared."""
     return 10 ** (math.ceil(math.log10(arl0) * steps_per_decade - 1e-9) / steps_per_decade)
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-6), 1 - 1e-6)
+    return math.log(p / (1 - p))
+
+
+def _design_rate(errors: float, n: int, z: float = 1.645) -> float:
+    """The in-control rate the Bernoulli CUSUM is designed for: the one-sided 95 % upper Wilson bound of the baseline.
+
+    A chart calibrated on an estimated rate has a much shorter in-control ARL than its nominal ARL0 whenever the
+    estimate falls below the truth (Jones, Champ & Rigdon 2004, *Technometrics* 46:95); designing for the upper
+    confidence bound guarantees the nominal false-alarm rate with 95 % confidence per stream, in the spirit of
+    Gandy & Kvaløy 2013 (*Scand. J. Stat.* 40:647). Two significant digits let streams share one calibration.
+    """
+    return float(f"{wilson(errors + 0.5, n + 1, z)[1]:.2g}")

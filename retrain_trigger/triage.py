@@ -21,6 +21,7 @@ from vigil.domain import ALL, Alert
 
 DATA_QUALITY_METRICS = frozenset({"unmapped_rate", "missing_rate", "duplicate_rate", "schema_mismatch_rate"})
 SCORE_METRICS = frozenset({"score_mean"})
+PREVALENCE_METRICS = frozenset({"outcome_rate"})
 
 DATA_QUALITY_WINDOW = timedelta(days=30)
 ACQUISITION_BEFORE = timedelta(days=30)
@@ -80,8 +81,12 @@ def is_score(alert: Alert) -> bool:
     return alert.signal.stream.metric in SCORE_METRICS
 
 
+def is_prevalence(alert: Alert) -> bool:
+    return alert.signal.stream.metric in PREVALENCE_METRICS
+
+
 def is_performance(alert: Alert) -> bool:
-    return not (is_data_quality(alert) or is_score(alert))
+    return not (is_data_quality(alert) or is_score(alert) or is_prevalence(alert))
 
 
 def _sort_key(alert: Alert) -> tuple:
@@ -271,6 +276,8 @@ def _population_shift(pool: _Pool, ctx: TriageContext) -> list[tuple[CauseHypoth
         ev.add(0.1, "the pooled (all-site) stream alerted")
     if any(is_score(a) for a in members):
         ev.add(0.2, "the score distribution moved (score_mean): a covariate/prior shift, which recalibration addresses")
+    if any(is_prevalence(a) for a in members):
+        ev.add(0.2, "the outcome rate moved (outcome_rate): a prior (prevalence) shift, which recalibration addresses")
     scope = ctx.sites if at_all or not sites else sites
     return [
         (

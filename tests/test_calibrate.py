@@ -6,6 +6,7 @@ import doctest
 import json
 import math
 import os
+import tracemalloc
 import warnings
 
 import numpy as np
@@ -148,6 +149,87 @@ def test_bernoulli_chain_matches_simulation(p0, p1, h, p) -> None:
     mean, se = monte_carlo_arl(lambda: BernoulliCusum(p0, p1, h), lambda rng, n: (rng.random(n) < p).astype(float),
                                n_runs=_runs(2000), seed=11, max_steps=10_000_000)
     assert abs(mean - exact) < 3 * se
+
+
+def _bernoulli_run_lengths(p0: float, p1: float, h: float, p: float, n_runs: int, seed: int,
+                           slots: int = 2000) -> tuple[float, float]:
+    """Monte Carlo of the unrounded Bernoulli CUSUM, one event at a time: between events the chart only falls, so a
+    gap of G zeros then a 1 takes S to max(0, S − G·|w0|) + w1 (G + 1 ~ geometric(p)), and only a 1 can alarm.
+    Vectorised over ``slots`` charts that restart when they alarm; each slot contributes its first n_runs/slots runs
+    (not the first n_runs to finish overall, which would favour short runs). Mean and standard error."""
+    up, down = math.log(p1 / p0), -math.log((1 - p1) / (1 - p0))
+    per_slot = max(1, math.ceil(n_runs / slots))
+    rng = np.random.default_rng(seed)
+    s, length, count = np.zeros(slots), np.zeros(slots), np.zeros(slots, dtype=int)
+    done: list[np.ndarray] = []
+    while (count < per_slot).any():
+        gap = rng.geometric(p, slots)
+        s = np.maximum(0.0, s - (gap - 1) * down) + up
+        length += gap
+        alarm = s > h
+        if alarm.any():
+            done.append(length[alarm & (count < per_slot)].copy())
+            count += alarm
+            s[alarm], length[alarm] = 0.0, 0.0
+    lengths = np.concatenate(done)
+    return float(lengths.mean()), float(lengths.std(ddof=1) / math.sqrt(lengths.size))
+
+
+def test_event_level_simulation_matches_the_detector() -> None:
+    """The fast simulator used below against ``BernoulliCusum`` itself, where runs are short."""
+    fast = _bernoulli_run_lengths(0.2, 1 / 3, 2.5, 0.2, 20_000, seed=1)
+    slow = monte_carlo_arl(lambda: BernoulliCusum(0.2, 1 / 3, 2.5), lambda rng, n: (rng.random(n) < 0.2).astype(float),
+                           n_runs=2000, seed=2, max_steps=1_000_000)
+    assert abs(fast[0] - slow[0]) < 3 * math.hypot(fast[1], slow[1])
+    assert fast[0] == pytest.approx(bernoulli_arl(0.2, 1 / 3, 2.5), rel=3 * fast[1] / fast[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("p0", "arl0"), [(0.005, 1e6), (0.3, 1e4)])
+def test_bernoulli_threshold_matches_simulation(p0, arl0) -> None:
+    """The threshold's in-control ARL, simulated without any grid (≈ 1 % SE at full scale)."""
+    p1 = 2 * p0 / (1 + p0)
+    h = bernoulli_threshold(p0, p1, arl0)
+    mean, se = _bernoulli_run_lengths(p0, p1, h, p0, _runs(10_000), seed=17)
+    assert abs(mean - arl0) < 3 * se
+
+
+def test_bernoulli_threshold_is_cheap() -> None:
+    """Cost as counts, not times: chain solves per threshold, chain states × bandwidth per solve, and what the caches
+    keep. (The former grid, 64 cells per positive step, needed 2,000–2,900 states and a lower band of 60–90 cells
+    at p0 ≥ 0.4, and 6–15 solves: 100× the work per threshold.)"""
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for p0 in (0.005, 0.0123, 0.05, 0.15, 0.3, 0.45, 0.5):
+        p1 = 2 * p0 / (1 + p0)
+        for arl0 in (1e3, 1e5, 1e7):
+            misses = monitors.calibrate._bernoulli_chain.cache_info().misses
+            h = bernoulli_threshold(p0, p1, arl0)
+            solves = monitors.calibrate._bernoulli_chain.cache_info().misses - misses
+            assert solves <= (10 if arl0 < 1e4 else 7), (p0, arl0, solves)
+            grid = monitors.calibrate._bernoulli_grid(p0, p1)
+            states = h / grid.delta
+            assert states < 2_000
+            # the one-cell down step is solved in O(states); otherwise the banded LU costs states·lower·(lower+upper)
+            work = states * (grid.up + 1) if grid.down == 1 else states * grid.down * (grid.down + grid.up + 2)
+            assert work < 8e6, (p0, arl0, work)
+            assert isinstance(monitors.calibrate._bernoulli_chain(p0, p1, p0, 10), float)
+    retained = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert retained < 2_000_000  # the caches hold floats and small tuples, never the chain's arrays
+
+
+def test_bernoulli_arl_is_continuous_and_solves_the_target() -> None:
+    p0, p1 = 0.1, 2 * 0.1 / 1.1
+    h = bernoulli_threshold(p0, p1, 1e5)
+    assert bernoulli_arl(p0, p1, h) == pytest.approx(1e5, rel=1e-9)
+    assert bernoulli_arl(p0, p1, h) >= 1e5
+    grid = monitors.calibrate._bernoulli_grid(p0, p1)
+    ratios = [bernoulli_arl(p0, p1, h + (i + 1) * grid.delta / 7) / bernoulli_arl(p0, p1, h + i * grid.delta / 7)
+              for i in range(14)]
+    assert all(1.0 < r < 1.01 for r in ratios)  # smooth: ln ARL rises ≈ Δ/7 per step, no jumps at the cell edges
+    # tiny in-control rates need no dense band: ~30,000 states by the O(states) recursion
+    assert bernoulli_threshold(0.0003, 0.0006, 1e6) == pytest.approx(4.35, abs=0.01)
 
 
 # --- Risk-adjusted CUSUM -----------------------------------------------------------------------

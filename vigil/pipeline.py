@@ -7,6 +7,7 @@ close and streams complete against it, so the same inputs and config always give
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class ModelRun:
     version: str = "unknown"
     cases: list[Case] = field(default_factory=list)
     predictions: int = 0
+    closing: list[tuple[datetime, datetime, str, Case]] = field(default_factory=list)  # heap by window close
 
 
 @dataclass
@@ -191,17 +193,40 @@ class Pipeline:
                     self._on_case(run, case, watermark)
 
     def _on_case(self, run: ModelRun, case: Case, watermark: datetime) -> None:
+        """Feed a labeled case to the streams.
+
+        Positives arrive early (when their outcome is reported) and negatives only when the window closes, so a
+        metric that mixes both would see a run of positives first and alarm on the order of arrival, not on the
+        device. ``fnr`` (positives only) is observed at once; the mixed metrics (error rate, fpr, outcome rate) wait
+        until the case's window has closed and are observed in prediction-time order.
+        """
         run.cases.append(case)
         if case.label is Label.CENSORED or run.monitor is None:
             return
         pred = case.prediction
-        positive = case.label is Label.POSITIVE
-        cells_ = self._cells(pred)
+        if case.label is Label.POSITIVE:
+            self._signals(run.monitor.observe("fnr", pred.site, self._cells(pred), float(not case.decision),
+                                              pred.time, watermark))
+        closes = pred.time + run.config.label_window + run.config.label_grace
+        heapq.heappush(run.closing, (closes, pred.time, pred.resource_id, case))  # released by _advance
+
+    def _release(self, run: ModelRun, watermark: datetime) -> None:
+        """Observe the mixed metrics of every case whose label window has closed, oldest prediction first.
+
+        Called once per event after the join has closed its windows, so a batch of late negatives and the positives
+        of the same days are interleaved by prediction time, never positives first.
+        """
         observe = run.monitor.observe
-        self._signals(observe("error_rate", pred.site, cells_, float(case.decision != positive), pred.time, watermark))
-        metric = "fnr" if positive else "fpr"
-        wrong = (not case.decision) if positive else case.decision
-        self._signals(observe(metric, pred.site, cells_, float(wrong), pred.time, watermark))
+        while run.closing and run.closing[0][0] <= watermark:
+            case = heapq.heappop(run.closing)[3]
+            pred = case.prediction
+            positive = case.label is Label.POSITIVE
+            cells_ = self._cells(pred)
+            self._signals(observe("error_rate", pred.site, cells_, float(case.decision != positive), pred.time,
+                                  watermark))
+            self._signals(observe("outcome_rate", pred.site, cells_, float(positive), pred.time, watermark))
+            if not positive:
+                self._signals(observe("fpr", pred.site, cells_, float(case.decision), pred.time, watermark))
 
     def _advance(self, watermark: datetime) -> None:
         new_day = self.result.watermark is None or watermark.date() != self.result.watermark.date()
@@ -209,6 +234,8 @@ class Pipeline:
         for run in self.result.models.values():
             for case in run.join.advance(watermark):
                 self._on_case(run, case, watermark)
+            if run.monitor is not None:
+                self._release(run, watermark)
             if new_day:  # bounded state: facts too old to label anything still to come
                 cfg = run.config
                 run.join.prune_facts(watermark - cfg.label_window - cfg.label_grace - cfg.outcome.baseline_lookback
