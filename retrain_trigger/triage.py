@@ -161,8 +161,11 @@ def triage(alerts: Sequence[Alert], ctx: TriageContext) -> list[tuple[CauseHypot
 
 def _data_quality(pool: _Pool, ctx: TriageContext) -> list[tuple[CauseHypothesis, list[Alert]]]:
     out = []
-    for site in sorted({a.signal.stream.site for a in pool.left if is_data_quality(a)}):
+    # specific sites first: an all-site data-quality alert is then explained by the site whose feed broke
+    for site in sorted({a.signal.stream.site for a in pool.left if is_data_quality(a)}, key=lambda s: (s == ALL, s)):
         dq = [a for a in pool.left if is_data_quality(a) and a.signal.stream.site == site]
+        if not dq:  # already explained by a specific site
+            continue
         onset = min(a.signal.change_estimate for a in dq)
         covered = ctx.sites if site == ALL else [site]
         joined = [

@@ -114,6 +114,17 @@ def test_mapping_break_is_one_data_quality_ticket_not_a_retrain():
     assert not any("modification protocol" in a for a in t.required_actions)
 
 
+def test_an_all_site_data_quality_alert_is_explained_by_the_site_whose_feed_broke():
+    alerts = [
+        alert("a-unmapped", "unmapped_rate", "site-a", baseline=0.01, current=0.22),
+        alert("all-unmapped", "unmapped_rate", "all", baseline=0.01, current=0.08),
+        alert("a-fpr", "fpr", "site-a", baseline=0.18, current=0.26, change=T0 + timedelta(days=3)),
+    ]
+    [t] = plan_tickets(alerts, ctx(), CTA, "2.1.0")
+    assert (t.cause, t.category) == ("data_quality", PccpCategory.C1)
+    assert t.alert_ids == ["a-fpr", "a-unmapped", "all-unmapped"]
+
+
 def test_performance_alert_outside_the_data_quality_window_is_not_joined():
     alerts = [
         alert("a-unmapped", "unmapped_rate", "site-a", baseline=0.01, current=0.22),
