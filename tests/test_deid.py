@@ -11,7 +11,7 @@ import pytest
 
 from ingest.deid import SubjectKeyer, find_identifiers, keyed_reference, oldest_safe_birth_year, redact
 
-SYNTHEA = Path("/work/shared/data/synthea-bulk-10")
+SYNTHEA = Path(__file__).resolve().parents[2] / "shared" / "data" / "synthea-bulk-10"  # ../shared beside the repo
 OLDEST = 1936  # births before 1936 are ages over 89 when "today" is in 2026
 
 

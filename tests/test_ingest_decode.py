@@ -25,7 +25,7 @@ from vigil.domain import (
     SubjectInfo,
 )
 
-SYNTHEA = Path("/work/shared/data/synthea-bulk-10")
+SYNTHEA = Path(__file__).resolve().parents[2] / "shared" / "data" / "synthea-bulk-10"  # ../shared beside the repo
 HERE = Position("test.ndjson", 7)
 KEYER = SubjectKeyer("test-secret")
 

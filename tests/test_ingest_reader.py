@@ -13,7 +13,7 @@ import pytest
 from ingest.reader import NOT_FHIR, iter_resources
 from vigil.domain import DeadLetter, Position
 
-SYNTHEA = Path("/work/shared/data/synthea-bulk-10")
+SYNTHEA = Path(__file__).resolve().parents[2] / "shared" / "data" / "synthea-bulk-10"  # ../shared beside the repo
 
 
 def _split(items):
