@@ -10,12 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vigil.domain import Alert, AlertState, Signal
+from vigil.domain import CLAIM_OF, Alert, AlertState, Signal
 
 OPEN_STATES = (AlertState.FIRING, AlertState.ACKNOWLEDGED)
-
-# error-rate metrics and the labeled claim each one is the complement of
-CLAIM_OF = {"fnr": "sensitivity", "fpr": "specificity"}
 
 Identity = tuple[str, str, str, str, str, str]
 

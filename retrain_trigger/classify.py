@@ -35,10 +35,8 @@ from retrain_trigger.pccp import (
     parse_cell,
 )
 from retrain_trigger.triage import DATA_QUALITY_METRICS, CauseHypothesis, is_data_quality, is_score
-from vigil.domain import ALL, Alert, PccpCategory
+from vigil.domain import ALL, CLAIM_OF, Alert, PccpCategory
 
-CLAIM_OF = {"fnr": "sensitivity", "fpr": "specificity"}
-"""Monitored error rates and the labeled claims they are the complement of."""
 LOWER_IS_BETTER = frozenset({"error_rate"} | DATA_QUALITY_METRICS)
 
 IFU_BREAKING = frozenset({"intended_use_change", "new_output_or_claim", "population_outside_IFU"})

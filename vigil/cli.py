@@ -219,6 +219,16 @@ def _ticket_dict(t: TicketRow, full: bool = False) -> dict:
     return d
 
 
+def _get(session, row_cls, row_id: str, url: str):
+    """The alert or ticket with this id, or a clear error naming the store."""
+    row = session.get(row_cls, row_id)
+    if row is None:
+        kind = row_cls.__tablename__.rstrip("s")
+        raise typer.BadParameter(f"no {kind} {row_id} in {url} (list them with `vigil {kind}s list`)",
+                                 param_hint=f"{kind.upper()}_ID")
+    return row
+
+
 @alerts_app.command("list")
 def alerts_list(
     store: StoreOpt = None,
@@ -255,10 +265,7 @@ def alerts_show(alert_id: str, store: StoreOpt = None, json: JsonOpt = False) ->
     """Everything about one alert: what, where, since when, how much, and its lifecycle."""
     url = _store_url(store)
     with session_factory(url)() as s:
-        a = s.get(AlertRow, alert_id)
-        if a is None:
-            raise typer.BadParameter(f"no alert {alert_id} in {url}", param_hint="ALERT_ID")
-        d = _alert_dict(a)
+        d = _alert_dict(_get(s, AlertRow, alert_id, url))
     if json:
         _print_json(d)
         return
@@ -270,9 +277,7 @@ def _transition(alert_id: str, store: str | None, by: str, comment: str | None, 
     url = _store_url(store)
     allowed = {"acknowledged": ("firing",), "resolved": ("firing", "acknowledged", "silenced")}[to]
     with session_factory(url)() as s, s.begin():
-        a = s.get(AlertRow, alert_id)
-        if a is None:
-            raise typer.BadParameter(f"no alert {alert_id} in {url}", param_hint="ALERT_ID")
+        a = _get(s, AlertRow, alert_id, url)
         if a.state not in allowed:
             raise typer.BadParameter(f"alert {alert_id} is {a.state}; it can become {to} only from "
                                      f"{' or '.join(allowed)}", param_hint="ALERT_ID")
@@ -326,10 +331,7 @@ def tickets_show(ticket_id: str, store: StoreOpt = None, json: JsonOpt = False) 
     """One ticket: category, the rule trace with citations, required actions and evidence."""
     url = _store_url(store)
     with session_factory(url)() as s:
-        t = s.get(TicketRow, ticket_id)
-        if t is None:
-            raise typer.BadParameter(f"no ticket {ticket_id} in {url}", param_hint="TICKET_ID")
-        d = _ticket_dict(t, full=True)
+        d = _ticket_dict(_get(s, TicketRow, ticket_id, url), full=True)
     if json:
         _print_json(d)
         return

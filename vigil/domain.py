@@ -13,6 +13,9 @@ from enum import Enum
 ALL = "all"
 """The value that stands for "every site" or "every subgroup" in a stream key."""
 
+CLAIM_OF = {"fnr": "sensitivity", "fpr": "specificity"}
+"""Monitored error rates and the labeled performance claims they are the complement of."""
+
 
 @dataclass(slots=True, frozen=True)
 class Coding:
