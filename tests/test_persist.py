@@ -1,0 +1,62 @@
+"""A pipeline run lands in the store in one transaction — on SQLite and on a real PostgreSQL — with its audit trail."""
+
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import func, select
+
+from vigil import audit
+from vigil.persist import persist
+from vigil.pipeline import Pipeline
+from vigil.settings import load_settings
+from vigil.simulator import simulate
+from vigil.store import AlertRow, AuditRow, CaseRow, MetricPointRow, RunRow, StreamStateRow, TicketRow, session_factory
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    """A scanner upgrade with the change early, so a 90-day feed has alerts and a ticket."""
+    feed = tmp_path_factory.mktemp("feed")
+    simulate("scanner-upgrade", feed, seed=11, days=150, change_day=60, volume=0.7)
+    settings = load_settings()
+    return settings, Pipeline(settings).run_paths([feed])
+
+
+def _check(url: str, settings, result) -> None:
+    settings = settings.model_copy(update={"store_url": url})
+    started = datetime.now(UTC)
+    ids = persist(result, settings, ["feed"], started)
+    assert result.alerts.alerts, "the scenario should raise alerts"
+    with session_factory(url)() as s:
+        assert s.scalar(select(func.count()).select_from(CaseRow)) == len(result.cases)
+        assert s.scalar(select(func.count()).select_from(AlertRow)) == len(result.alerts.alerts)
+        assert s.scalar(select(func.count()).select_from(TicketRow)) == len(result.tickets) >= 1
+        assert s.scalar(select(func.count()).select_from(RunRow)) == 1
+        assert s.scalar(select(func.count()).select_from(StreamStateRow)) == sum(
+            len(r.monitor.streams) for r in result.models.values())
+        assert s.scalar(select(func.count()).select_from(MetricPointRow)) > 0
+        linked = s.scalars(select(AlertRow.ticket_id).where(AlertRow.ticket_id.is_not(None))).all()
+        assert set(ids.values()) >= set(s.scalars(select(AlertRow.id)).all())
+        assert linked, "alerts are linked to their ticket"
+        actions = s.scalars(select(AuditRow.action)).all()
+        assert actions.count("alert.fired") == len(result.alerts.alerts)
+        assert actions.count("ticket.opened") == len(result.tickets)
+        assert actions[-1] == "run.completed"
+        assert audit.verify(s).ok
+    # the same run stored again does not double-count cases, alerts or tickets
+    persist(result, settings, ["feed"], started)
+    with session_factory(url)() as s:
+        assert s.scalar(select(func.count()).select_from(CaseRow)) == len(result.cases)
+        assert s.scalar(select(func.count()).select_from(AlertRow)) == len(result.alerts.alerts)
+        assert s.scalar(select(func.count()).select_from(TicketRow)) == len(result.tickets)
+        assert s.scalar(select(func.count()).select_from(RunRow)) == 2
+        assert audit.verify(s).ok
+
+
+def test_persist_on_sqlite(result, tmp_path):
+    _check(f"sqlite:///{tmp_path / 'v.db'}", *result)
+
+
+@pytest.mark.postgres
+def test_persist_on_postgres(result, fresh_postgres_url):
+    _check(fresh_postgres_url, *result)
