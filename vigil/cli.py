@@ -85,31 +85,32 @@ def demo(
 
 
 def _show_demo(summary: dict) -> None:
-    table = Table(title="What vigil found, next to the injected truth", show_lines=True)
-    for col in ("scenario", "injected change", "first alert (where, when)", "delay", "ticket (expected)",
-                "alerts / false", "cases", "s"):
+    table = Table(title="What vigil found, next to the injected truth")
+    for col in ("scenario", "injected change", "first alert", "delay", "ticket (expected)", "false alarms"):
         table.add_column(col)
     for ev in summary["evaluation"]:
+        false = f"[{'red' if ev['false_alarms'] else 'green'}]{ev['false_alarms']}[/] of {ev['alerts']}"
         if "change_time" not in ev:
-            table.add_row(ev["scenario"], "none", "-", "-", "-",
-                          f"{ev['alerts']} / [{'red' if ev['false_alarms'] else 'green'}]{ev['false_alarms']}[/]",
-                          str(ev["cases"]), str(ev["seconds"]))
+            table.add_row(ev["scenario"], "none", "-", "-", "-", false)
             continue
-        where = f"{ev['detected_where']} @ {ev['detected_at'][:10]}" if ev["detected"] else "[red]not detected[/]"
-        cats = ", ".join(ev["ticket_categories"]) or "none"
+        where = f"{ev['detected_where']} {ev['detected_at'][5:10]}" if ev["detected"] else "[red]not detected[/]"
         ok = "green" if ev["category_ok"] else "red"
-        table.add_row(ev["scenario"], f"{ev['model']} site={ev['site']} {ev['subgroup']} @ {ev['change_time'][:10]}",
-                      where, f"{ev['delay_days']} d" if ev["detected"] else "-",
-                      f"[{ok}]{cats}[/] ({ev['expected_category']})",
-                      f"{ev['alerts']} / {ev['false_alarms']}", str(ev["cases"]), str(ev["seconds"]))
+        table.add_row(ev["scenario"], f"{ev['model']} {ev['site']}/{ev['subgroup']} {ev['change_time'][5:10]}",
+                      where, f"{ev['delay_days']:.0f} d" if ev["detected"] else "-",
+                      f"[{ok}]{', '.join(ev['ticket_categories']) or 'none'}[/] ({ev['expected_category']})", false)
     console.print(table)
+    seconds = sum(ev["seconds"] for ev in summary["evaluation"])
+    cases = sum(ev["cases"] for ev in summary["evaluation"])
+    console.print(f"{cases} labeled cases from {len(summary['evaluation'])} feeds in {seconds:.0f} s of pipeline time.")
     tickets = Table(title="Retraining tickets")
-    for col in ("scenario", "model", "category", "U", "cause", "remedy", "PCCP mod", "alerts"):
+    for col in ("scenario", "model", "PCCP", "cause", "remedy", "mod", "alerts"):
         tickets.add_column(col)
     for t in summary["tickets"]:
-        tickets.add_row(t["scenario"], t["model"], t["category"], "U" if t["safety_overlay"] else "", t["cause"],
-                        t["remedy"], t["matched_mod"] or "-", str(len(t["alert_ids"])))
+        tickets.add_row(t["scenario"], t["model"], t["category"] + (" + U" if t["safety_overlay"] else ""),
+                        t["cause"], t["remedy"], t["matched_mod"] or "-", str(len(t["alert_ids"])))
     console.print(tickets)
+    console.print("PCCP: C1 data-quality fix, no model change · C2 within the plan, run its protocol · "
+                  "U urgent safety overlay (MDR/806 evaluation)")
 
 
 @app.command()
