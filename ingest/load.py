@@ -11,7 +11,8 @@ from ingest.decode import Decoder, Record
 from ingest.reader import iter_resources
 from vigil.domain import DeadLetter, Position
 
-_PROBLEM_CATEGORIES = {"missing": "missing element", "invalid": "invalid value", "fails": "FHIR validation"}
+_PROBLEM_CATEGORIES = {"missing": "missing element", "invalid": "invalid value", "fails": "FHIR validation",
+                       "unknown": "unknown model"}
 
 
 @dataclass(slots=True)

@@ -109,15 +109,15 @@ class Pipeline:
             if isinstance(rec, REFERENCE_TYPES):
                 self._apply_reference(rec)
             else:
-                events.append(rec)
-        events = [e for e in events if not self._is_duplicate(e)]
-        events.sort(key=lambda r: (r.received or r.time, r.time))
-        for i, event in enumerate(events):
+                events.append((position, rec))
+        events = [(p, e) for p, e in events if not self._is_duplicate(e)]
+        events.sort(key=lambda pe: (pe[1].received or pe[1].time, pe[1].time))
+        for i, (position, event) in enumerate(events):
             watermark = event.received or event.time
             if self.result.first_event is None:
                 self.result.first_event = event.time
             if isinstance(event, Prediction):
-                self._on_prediction(event, watermark)
+                self._on_prediction(event, watermark, position)
             else:
                 self._on_fact(event, watermark)
             self._advance(watermark)
@@ -152,12 +152,13 @@ class Pipeline:
 
     # --- events ----------------------------------------------------------------------------------------
 
-    def _on_prediction(self, pred: Prediction, watermark: datetime) -> None:
+    def _on_prediction(self, pred: Prediction, watermark: datetime, position: Position) -> None:
         run = self.result.models.get(pred.model_id)
         if run is None:
-            self._reject(DeadLetter(Position("feed"), f"RiskAssessment/{pred.resource_id}: model "
-                                    f"'{pred.model_id}' is not configured (add it under models: in the config)",
-                                    "RiskAssessment", pred.resource_id))
+            self._reject(DeadLetter(position, f"RiskAssessment/{pred.resource_id}: unknown model '{pred.model_id}' "
+                                    "(configure it under models: to monitor it)", "RiskAssessment",
+                                    pred.resource_id))
+            self.result.accepted["RiskAssessment"] -= 1  # decoded, but it does not enter the flow
             return
         if pred.status == "entered-in-error":
             run.join.retract_prediction(pred.resource_id)
