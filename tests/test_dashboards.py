@@ -24,6 +24,7 @@ import yaml
 
 from dashboards.build import build_dashboards, write_dashboards
 from dashboards.datasource import POSTGRES_TYPE, POSTGRES_UID
+from vigil.store import upgrade
 
 ROOT = Path(__file__).resolve().parents[1]
 BOARDS = build_dashboards()
@@ -129,38 +130,6 @@ def test_build_is_deterministic_and_writes_one_file_per_uid(tmp_path: Path) -> N
 
 # --- every query, run against PostgreSQL --------------------------------------------------------------------------
 
-TABLES = """
-CREATE TABLE cases (id serial PRIMARY KEY, model text NOT NULL, model_version text NOT NULL,
-    prediction_id text NOT NULL, prediction_version text NOT NULL, subject varchar(64) NOT NULL, encounter text,
-    site text, attributes json NOT NULL, predicted_at timestamptz NOT NULL, score double precision NOT NULL,
-    decision boolean NOT NULL, label text, labeled_at timestamptz, outcome_definition text, evidence json NOT NULL);
-CREATE TABLE stream_state (id serial PRIMARY KEY, model text NOT NULL, model_version text NOT NULL,
-    metric text NOT NULL, site text NOT NULL, subgroup text NOT NULL, detector text NOT NULL, status text NOT NULL,
-    baseline double precision, baseline_n integer NOT NULL, n integer NOT NULL, threshold double precision,
-    arl0 double precision, statistic double precision, state json NOT NULL, updated_at timestamptz NOT NULL);
-CREATE TABLE metric_points (id serial PRIMARY KEY, model text NOT NULL, model_version text NOT NULL,
-    metric text NOT NULL, site text NOT NULL, subgroup text NOT NULL, period_start timestamptz NOT NULL,
-    n integer NOT NULL, value double precision, ci_low double precision, ci_high double precision,
-    statistic double precision, threshold double precision);
-CREATE TABLE tickets (id varchar(16) PRIMARY KEY, model text NOT NULL, model_version text NOT NULL,
-    category text NOT NULL, safety_overlay boolean NOT NULL, matched_mod text, cause text NOT NULL,
-    cause_confidence double precision NOT NULL, remedy text NOT NULL, status text NOT NULL, rationale json NOT NULL,
-    required_actions json NOT NULL, evidence json NOT NULL, created_at timestamptz NOT NULL,
-    updated_at timestamptz NOT NULL);
-CREATE TABLE alerts (id varchar(16) PRIMARY KEY, model text NOT NULL, model_version text NOT NULL,
-    metric text NOT NULL, site text NOT NULL, subgroup text NOT NULL, detector text NOT NULL, state text NOT NULL,
-    severity text NOT NULL, detected_at timestamptz NOT NULL, change_estimate timestamptz NOT NULL,
-    statistic double precision NOT NULL, threshold double precision NOT NULL, baseline double precision NOT NULL,
-    current double precision NOT NULL, ci_low double precision NOT NULL, ci_high double precision NOT NULL,
-    n_baseline integer NOT NULL, n_current integer NOT NULL, fire_count integer NOT NULL,
-    last_fired_at timestamptz NOT NULL, acked_by text, acked_at timestamptz, ack_comment text, resolved_by text,
-    resolved_at timestamptz, ticket_id varchar(16) REFERENCES tickets (id));
-CREATE TABLE dead_letters (id serial PRIMARY KEY, source text NOT NULL, partition integer, position bigint,
-    reason text NOT NULL, resource_type text, resource_id text, payload text, created_at timestamptz NOT NULL);
-CREATE TABLE runs (id serial PRIMARY KEY, started_at timestamptz NOT NULL, finished_at timestamptz,
-    config_hash text NOT NULL, code_version text NOT NULL, inputs json NOT NULL, counts json NOT NULL);
-"""
-
 SEED = """
 INSERT INTO cases (model, model_version, prediction_id, prediction_version, subject, site, attributes, predicted_at,
                    score, decision, label, labeled_at, evidence) VALUES
@@ -210,24 +179,23 @@ FROM, TO = datetime(2025, 1, 1, tzinfo=timezone.utc), datetime(2025, 4, 1, tzinf
 VALUES = {"model": "cta", "model_version": "1.0", "metric": "fnr", "site": "site-a", "subgroup": "all"}
 
 
-def expand(sql: str) -> str:
+def expand(sql: str, values: dict[str, str] = VALUES, span: tuple[datetime, datetime] = (FROM, TO)) -> str:
     """Expand Grafana's PostgreSQL macros and template variables the way Grafana does before it sends the query."""
-    between = f"BETWEEN '{FROM:%Y-%m-%dT%H:%M:%SZ}' AND '{TO:%Y-%m-%dT%H:%M:%SZ}'"
+    between = f"BETWEEN '{span[0]:%Y-%m-%dT%H:%M:%SZ}' AND '{span[1]:%Y-%m-%dT%H:%M:%SZ}'"
     sql = re.sub(r"\$__timeFilter\((\w+)\)", rf"\1 {between}", sql)
     sql = re.sub(r"\$__timeGroupAlias\((\w+),\s*'1d'\)", r'floor(extract(epoch from \1)/86400)*86400 AS "time"', sql)
-    sql = VARIABLE_REF.sub(lambda m: VALUES[m.group(1) or m.group(2)], sql)
+    sql = VARIABLE_REF.sub(lambda m: values[m.group(1) or m.group(2)], sql)
     assert "$" not in sql, f"unexpanded macro or variable in: {sql}"
     return sql
 
 
 @pytest.fixture(scope="module")
 def dashboard_db(postgres_cluster) -> Iterator[psycopg.Connection]:
-    """A database of this module's own (tables like the store's, the dashboard views, seeded rows)."""
+    """A database of this module's own: the store's schema and views from the migrations, and seeded rows."""
     postgres_cluster.admin("CREATE DATABASE vigil_dashboards")
-    url = postgres_cluster.url("vigil_dashboards").replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(TABLES)
-        conn.execute((ROOT / "dashboards" / "views.sql").read_text())
+    url = postgres_cluster.url("vigil_dashboards")
+    upgrade(url)
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
         conn.execute(SEED)
         yield conn
     postgres_cluster.admin("DROP DATABASE vigil_dashboards WITH (FORCE)")
@@ -359,3 +327,41 @@ def test_dockerfile_installs_every_package_and_runs_as_non_root() -> None:
     assert {p.rstrip("*") for p in packages["include"]} <= copied
     users = [words[1] for words in lines if words[0] == "USER"]
     assert users and users[-1] not in ("root", "0")
+
+
+# --- every query after a real pipeline run (not hand-seeded rows) ---------------------------------------------------
+
+RUN_VALUES = {"model": "cta-stenosis", "model_version": "2.1.0", "metric": "fnr", "site": "site-b", "subgroup": "all"}
+RUN_SPAN = (datetime(2026, 1, 1, tzinfo=timezone.utc), datetime(2026, 12, 31, tzinfo=timezone.utc))
+
+
+@pytest.fixture(scope="module")
+def run_db(postgres_cluster, tmp_path_factory) -> Iterator[psycopg.Connection]:
+    """A PostgreSQL store holding one real run: a scanner upgrade at site-b simulated, ingested, monitored, stored."""
+    from vigil.persist import persist
+    from vigil.pipeline import Pipeline
+    from vigil.settings import load_settings
+    from vigil.simulator import simulate
+
+    feed = tmp_path_factory.mktemp("feed")
+    simulate("scanner-upgrade", feed, seed=11, days=150, change_day=60, volume=0.7)
+    postgres_cluster.admin("CREATE DATABASE vigil_dashboards_run")
+    url = postgres_cluster.url("vigil_dashboards_run")
+    settings = load_settings(store_url=url)
+    persist(Pipeline(settings).run_paths([feed]), settings, [str(feed)], datetime.now(timezone.utc))
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
+        yield conn
+    postgres_cluster.admin("DROP DATABASE vigil_dashboards_run WITH (FORCE)")
+
+
+@pytest.mark.postgres
+def test_every_query_runs_after_a_real_pipeline_run_and_the_alerting_stream_has_data(run_db) -> None:
+    empty = []
+    for uid, where, query in ALL_QUERIES:
+        _, rows = _rows(run_db, expand(query["rawSql"], RUN_VALUES, RUN_SPAN))
+        if not rows:
+            empty.append(f"{uid} {where}")
+    # a scanner upgrade yields points, alerts and a ticket: only dead-letter panels may be empty (the feed is clean)
+    assert all("dead" in e.lower() or "rejected" in e.lower() for e in empty), empty
+    _, open_alerts = _rows(run_db, "SELECT site FROM v_open_alerts WHERE model = 'cta-stenosis'")
+    assert ("site-b",) in open_alerts
