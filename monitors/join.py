@@ -30,14 +30,17 @@ class LabelJoin:
         self._facts: dict[str, dict[str, OutcomeFact]] = defaultdict(dict)
         self._expiry: list[tuple[datetime, str]] = []
         self.watermark: datetime | None = None
-        self.retracted_after_label = 0
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
+    def __contains__(self, resource_id: str) -> bool:
+        """Whether a prediction is still waiting for its label."""
+        return resource_id in self._pending
+
     def add_prediction(self, pred: Prediction) -> Case | None:
-        """Register a prediction; label it at once if facts already seen decide it."""
+        """Register a prediction (a newer version replaces a pending one); label it at once if facts decide it."""
         self._pending[pred.resource_id] = pred
         self._by_subject[pred.subject].add(pred.resource_id)
         closes = pred.time + self.model.label_window + self.model.label_grace
@@ -55,10 +58,8 @@ class LabelJoin:
     def add_fact(self, of: OutcomeFact) -> list[Case]:
         """A relevant outcome fact (or a new version of one) arrives: label what it decides."""
         fact = of.fact
-        if fact.status == "entered-in-error":
-            removed = self._facts[fact.subject].pop(fact.resource_id, None)
-            if removed is not None and not self._by_subject.get(fact.subject):
-                self.retracted_after_label += 1
+        if fact.status == "entered-in-error":  # it no longer counts for what is still pending
+            self._facts[fact.subject].pop(fact.resource_id, None)
             return []
         self._facts[fact.subject][fact.resource_id] = of
         cases = []
@@ -82,21 +83,12 @@ class LabelJoin:
                     cases.append(case)
         return cases
 
-    def close_all(self) -> list[Case]:
-        """Censor what is still pending at the end of a finite feed (its window never closed)."""
-        cases = []
-        for rid in sorted(self._pending):
-            pred = self._pending[rid]
-            cases.append(self._emit(pred, Label.CENSORED, ()))
-        return cases
-
     def prune_facts(self, older_than: datetime) -> None:
-        """Drop facts of subjects with nothing pending once they are too old to matter (bounded state)."""
-        for subject in [s for s, rids in self._by_subject.items() if not rids]:
-            facts = self._facts.get(subject)
-            if facts and all(of.fact.time < older_than for of in facts.values()):
-                del self._facts[subject]
-            del self._by_subject[subject]
+        """Drop the facts of subjects with nothing pending once all are too old to matter (bounded state)."""
+        for subject in [s for s, facts in self._facts.items()
+                        if not self._by_subject.get(s) and all(of.fact.time < older_than for of in facts.values())]:
+            del self._facts[subject]
+            self._by_subject.pop(subject, None)
 
     def _try(self, pred: Prediction, closed: bool) -> Case | None:
         facts = list(self._facts.get(pred.subject, {}).values())

@@ -16,6 +16,7 @@ Life of a stream:
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -102,16 +103,20 @@ class StreamMonitor:
         self._buffer: dict[str, list[tuple[str, list[str], float, datetime]]] = {m: [] for m in self.metrics}
         self._active: set[str] = set()
         self._groups: dict[tuple[str, str, tuple[str, ...]], list[Stream]] = {}
+        self.late_baseline: Counter[str] = Counter()  # baseline-period observations that arrived after completion
 
     # --- input ---------------------------------------------------------------------------------------
 
     def observe(self, metric: str, site: str, cells: list[str], x: float, event_time: datetime,
                 watermark: datetime) -> list[Signal]:
         """One observation of ``metric`` for an event at ``site`` in subgroup ``cells`` (incl. "all")."""
-        if metric not in self._buffer:
+        if metric not in self.complete_at:
             return []
         signals = self.advance(watermark)
         if event_time < self.baseline_end:
+            if metric in self._active:  # the baseline is calibrated and frozen: too late to count
+                self.late_baseline[metric] += 1
+                return signals
             charted = _logit(x) if metric in MEAN_METRICS else x
             for stream in self._group(metric, site, cells):
                 stream.add_baseline(x, charted)
@@ -130,7 +135,6 @@ class StreamMonitor:
                 self._active.add(metric)
                 for site, cells, x, event_time in self._buffer.pop(metric):
                     signals += self._update(metric, site, cells, x, event_time, watermark)
-                self._buffer[metric] = []
         return signals
 
     # --- internals -------------------------------------------------------------------------------------

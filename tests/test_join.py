@@ -75,8 +75,20 @@ def test_other_subjects_facts_do_not_label():
     assert join.pending == 1
 
 
-def test_finite_feed_censors_what_is_still_open():
+def test_old_facts_of_subjects_with_nothing_pending_are_pruned_and_recent_ones_kept():
     join, _ = _join()
-    join.add_prediction(_pred())
-    [case] = join.close_all()
-    assert case.label is Label.CENSORED
+    join.add_fact(_stenosis(rid="old", subject="s-old", at=T0))
+    join.add_fact(_stenosis(rid="new", subject="s-new", at=T0 + timedelta(days=30)))
+    join.add_prediction(_pred(rid="p-wait", subject="s-wait", score=0.1))
+    join.add_fact(_stenosis(rid="wait", subject="s-wait", at=T0 - timedelta(days=1)))  # before its prediction
+    join.prune_facts(T0 + timedelta(days=10))
+    assert set(join._facts) == {"s-new", "s-wait"}
+
+
+def test_a_newer_version_replaces_the_pending_prediction():
+    join, _ = _join()
+    join.add_prediction(_pred(score=0.2))
+    join.add_prediction(_pred(score=0.9))
+    assert join.pending == 1 and "p1" in join
+    [case] = join.add_fact(_stenosis())
+    assert case.decision is True and case.prediction.score == 0.9

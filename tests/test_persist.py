@@ -33,7 +33,7 @@ def _check(url: str, settings, result) -> None:
         assert s.scalar(select(func.count()).select_from(TicketRow)) == len(result.tickets) >= 1
         assert s.scalar(select(func.count()).select_from(RunRow)) == 1
         assert s.scalar(select(func.count()).select_from(StreamStateRow)) == sum(
-            len(r.monitor.streams) for r in result.models.values())
+            len(m.streams) for m in result.monitors())
         assert s.scalar(select(func.count()).select_from(MetricPointRow)) > 0
         linked = s.scalars(select(AlertRow.ticket_id).where(AlertRow.ticket_id.is_not(None))).all()
         assert set(ids.values()) >= set(s.scalars(select(AlertRow.id)).all())
@@ -43,9 +43,14 @@ def _check(url: str, settings, result) -> None:
         assert actions.count("ticket.opened") == len(result.tickets)
         assert actions[-1] == "run.completed"
         assert audit.verify(s).ok
-    # the same run stored again does not double-count cases, alerts or tickets
+    with session_factory(url)() as s:
+        fired = {a.id: (a.fire_count, a.last_fired_at) for a in s.scalars(select(AlertRow))}
+        audit_rows = s.scalar(select(func.count()).select_from(AuditRow))
+    # the same run stored again does not double-count cases, alerts, firings or tickets
     persist(result, settings, ["feed"], started)
     with session_factory(url)() as s:
+        assert {a.id: (a.fire_count, a.last_fired_at) for a in s.scalars(select(AlertRow))} == fired
+        assert s.scalar(select(func.count()).select_from(AuditRow)) == audit_rows + 1  # only run.completed
         assert s.scalar(select(func.count()).select_from(CaseRow)) == len(result.cases)
         assert s.scalar(select(func.count()).select_from(AlertRow)) == len(result.alerts.alerts)
         assert s.scalar(select(func.count()).select_from(TicketRow)) == len(result.tickets)

@@ -47,6 +47,15 @@ def _store_url(store: str | None) -> str:
     return store or Settings.model_fields["store_url"].default
 
 
+def _existing_store(store: str | None) -> str:
+    """The store URL for a command that reads it; a missing SQLite file is an error, not a new empty store."""
+    url = _store_url(store)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise typer.BadParameter(f"no vigil store at {url}: run `vigil ingest` (or `vigil demo`) first, or pass "
+                                 "--store / VIGIL_STORE_URL", param_hint="--store")
+    return url
+
+
 def _print_json(obj) -> None:
     sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode() + "\n")
 
@@ -73,8 +82,11 @@ def demo(
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
                   disable=json) as progress:
         task = progress.add_task("demo", total=len(chosen) * 2)
-        summary = run_demo(out, seed=seed, days=days, volume=volume, scenarios=chosen,
-                           on_step=lambda msg: progress.update(task, advance=1, description=msg))
+        try:
+            summary = run_demo(out, seed=seed, days=days, volume=volume, scenarios=chosen,
+                               on_step=lambda msg: progress.update(task, advance=1, description=msg))
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--scenario") from None
     written = write_dashboards(out / "dashboards")
     if json:
         _print_json(summary)
@@ -141,6 +153,9 @@ def _run_pipeline(paths: list[Path], settings: Settings, json: bool) -> None:
     from vigil.persist import persist
     from vigil.pipeline import Pipeline
 
+    if settings.subject_key == Settings.model_fields["subject_key"].default:
+        err.print("[yellow]warning[/]: subjects are keyed with the public demo key; set VIGIL_SUBJECT_KEY to a secret "
+                  "before ingesting real data, or the pseudonyms can be reversed")
     started = datetime.now(UTC)
     pipeline = Pipeline(settings)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -152,10 +167,14 @@ def _run_pipeline(paths: list[Path], settings: Settings, json: bool) -> None:
         "accepted": dict(result.accepted), "rejected": dict(result.rejected), "ignored": dict(result.ignored),
         "duplicates": dict(result.duplicates), "identifier_elements_stripped": dict(result.stripped),
         "cases": len(result.cases), "alerts": len(result.alerts.alerts), "tickets": len(result.tickets),
+        "corrections": dict(result.corrections),
+        "unmapped_codes": [{"site": site, "system": system, "code": code, "count": n}
+                           for (site, system, code), n in sorted(result.unmapped.items())],
         "dead_letters": [{"position": str(d.position), "reason": d.reason} for d in result.dead_letters[:50]],
     }
     if json:
         _print_json(report)
+        _fail_on_missing_inputs(result)
         return
     table = Table(title=f"Ingested into {settings.store_url}")
     table.add_column("")
@@ -172,6 +191,14 @@ def _run_pipeline(paths: list[Path], settings: Settings, json: bool) -> None:
         err.print(f"... and {len(result.dead_letters) - 20} more (vigil stores them all as dead letters)")
     console.print(f"{len(result.cases)} cases labeled, {len(result.alerts.alerts)} alerts, "
                   f"{len(result.tickets)} tickets.")
+    _fail_on_missing_inputs(result)
+
+
+def _fail_on_missing_inputs(result) -> None:
+    """The other inputs were stored; a path that does not exist still makes the command fail, for scripts."""
+    if result.rejected.get("file not found"):
+        err.print(f"[red]error[/]: {result.rejected['file not found']} input path(s) not found (see above)")
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -239,7 +266,7 @@ def alerts_list(
     json: JsonOpt = False,
 ) -> None:
     """List alerts, newest first."""
-    url = _store_url(store)
+    url = _existing_store(store)
     upgrade(url)
     with session_factory(url)() as s:
         q = select(AlertRow).order_by(AlertRow.detected_at.desc(), AlertRow.id)
@@ -264,7 +291,7 @@ def alerts_list(
 @alerts_app.command("show")
 def alerts_show(alert_id: str, store: StoreOpt = None, json: JsonOpt = False) -> None:
     """Everything about one alert: what, where, since when, how much, and its lifecycle."""
-    url = _store_url(store)
+    url = _existing_store(store)
     with session_factory(url)() as s:
         d = _alert_dict(_get(s, AlertRow, alert_id, url))
     if json:
@@ -275,7 +302,7 @@ def alerts_show(alert_id: str, store: StoreOpt = None, json: JsonOpt = False) ->
 
 
 def _transition(alert_id: str, store: str | None, by: str, comment: str | None, to: str) -> None:
-    url = _store_url(store)
+    url = _existing_store(store)
     allowed = {"acknowledged": ("firing",), "resolved": ("firing", "acknowledged", "silenced")}[to]
     with session_factory(url)() as s, s.begin():
         a = _get(s, AlertRow, alert_id, url)
@@ -309,7 +336,7 @@ def alerts_resolve(alert_id: str, by: Annotated[str, typer.Option(help="Who reso
 @tickets_app.command("list")
 def tickets_list(store: StoreOpt = None, json: JsonOpt = False) -> None:
     """List retraining tickets with their PCCP category."""
-    url = _store_url(store)
+    url = _existing_store(store)
     upgrade(url)
     with session_factory(url)() as s:
         rows = s.scalars(select(TicketRow).order_by(TicketRow.id)).all()
@@ -330,7 +357,7 @@ def tickets_list(store: StoreOpt = None, json: JsonOpt = False) -> None:
 @tickets_app.command("show")
 def tickets_show(ticket_id: str, store: StoreOpt = None, json: JsonOpt = False) -> None:
     """One ticket: category, the rule trace with citations, required actions and evidence."""
-    url = _store_url(store)
+    url = _existing_store(store)
     with session_factory(url)() as s:
         d = _ticket_dict(_get(s, TicketRow, ticket_id, url), full=True)
     if json:
@@ -353,7 +380,7 @@ def tickets_show(ticket_id: str, store: StoreOpt = None, json: JsonOpt = False) 
 @tickets_app.command("export")
 def tickets_export(out: Annotated[Path, typer.Option(help="JSON file to write.")], store: StoreOpt = None) -> None:
     """Export every ticket with its full evidence, for Regulatory Affairs or an inspector."""
-    url = _store_url(store)
+    url = _existing_store(store)
     with session_factory(url)() as s:
         data = [_ticket_dict(t, full=True) for t in s.scalars(select(TicketRow).order_by(TicketRow.id))]
     out.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
@@ -366,7 +393,8 @@ def tickets_export(out: Annotated[Path, typer.Option(help="JSON file to write.")
 @audit_app.command("verify")
 def audit_verify(store: StoreOpt = None, json: JsonOpt = False) -> None:
     """Check the hash chain; name the first record that was edited, removed or reordered."""
-    url = _store_url(store)
+    url = _existing_store(store)
+    upgrade(url)
     with session_factory(url)() as s:
         result = audit.verify(s)
     if json:

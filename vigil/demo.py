@@ -22,6 +22,9 @@ def run_demo(out: Path, seed: int = 7, days: int = 180, volume: float = 1.0,
              scenarios: Sequence[str] = SCENARIOS, config: Path = DEFAULT_CONFIG,
              on_step: Callable[[str], None] = lambda _: None) -> dict:
     """Run every scenario; write ``out/summary.json`` and return the summary."""
+    unknown = sorted(set(scenarios) - set(SCENARIOS))
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "stores").mkdir(exist_ok=True)
     summary: dict = {"seed": seed, "days": days, "volume": volume, "alerts": [], "tickets": [],
@@ -59,7 +62,7 @@ def _collect(summary: dict, scenario: str, truth: dict, result: RunResult, ids: 
         })
     for t in result.tickets:
         summary["tickets"].append({
-            "scenario": scenario, "model": t.model, "category": t.category.value, "safety_overlay": t.safety_overlay,
+            "scenario": scenario, "id": ids.get(t.key), "model": t.model, "category": t.category.value, "safety_overlay": t.safety_overlay,
             "cause": t.cause, "remedy": t.remedy, "matched_mod": t.matched_mod,
             "alert_ids": [ids.get(a, a) for a in t.alert_ids],
         })

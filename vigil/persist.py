@@ -11,6 +11,7 @@ import dataclasses
 from datetime import UTC, datetime
 
 from sqlalchemy import delete, insert, select
+from sqlalchemy.orm import Session
 
 from alerts.lifecycle import identity
 from monitors.streams import MEAN_METRICS, Stream, wilson
@@ -25,8 +26,8 @@ from vigil.store import (
     RunRow,
     StreamStateRow,
     TicketRow,
+    engine_for,
     next_id,
-    session_factory,
     upgrade,
 )
 
@@ -34,27 +35,36 @@ ACTOR = "vigil-pipeline"
 
 
 def persist(result: RunResult, settings: Settings, inputs: list[str], started_at: datetime) -> dict[str, str]:
-    """Store ``result``; returns the mapping from the run's provisional alert ids to the stored ones."""
+    """Store ``result``; returns the mapping from the run's provisional alert and ticket keys to the stored ids."""
     upgrade(settings.store_url)
-    with session_factory(settings.store_url)() as session, session.begin():
-        _cases(session, result)
-        _streams(session, result)
-        if result.dead_letters:
-            session.execute(insert(DeadLetterRow), [_row(DeadLetterRow.from_dead_letter(d)) for d in result.dead_letters])
-        alert_ids = _alerts(session, result)
-        _tickets(session, result, alert_ids)
-        counts = {
-            "accepted": dict(result.accepted), "rejected": dict(result.rejected), "ignored": dict(result.ignored),
-            "duplicates": dict(result.duplicates), "stripped": dict(result.stripped),
-            "cases": len(result.cases), "alerts": len(result.alerts.alerts), "tickets": len(result.tickets),
-        }
-        run = RunRow(started_at=started_at, finished_at=datetime.now(UTC), config_hash=settings.config_hash(),
-                     code_version=__version__, inputs=inputs, counts=counts)
-        session.add(run)
-        session.flush()
-        audit.record(session, ACTOR, "run.completed", "run", str(run.id),
-                     {"config_hash": run.config_hash, "inputs": inputs, "counts": counts})
-    return alert_ids
+    engine = engine_for(settings.store_url)
+    try:
+        with Session(engine, expire_on_commit=False) as session, session.begin():
+            return _persist(session, result, settings, inputs, started_at)
+    finally:
+        engine.dispose()  # no open handles on the store file once the run is stored
+
+
+def _persist(session: Session, result: RunResult, settings: Settings, inputs: list[str],
+             started_at: datetime) -> dict[str, str]:
+    _cases(session, result)
+    _streams(session, result)
+    if result.dead_letters:
+        session.execute(insert(DeadLetterRow), [_row(DeadLetterRow.from_dead_letter(d)) for d in result.dead_letters])
+    ids = _alerts(session, result)
+    ids.update(_tickets(session, result, ids))
+    counts = {
+        "accepted": dict(result.accepted), "rejected": dict(result.rejected), "ignored": dict(result.ignored),
+        "duplicates": dict(result.duplicates), "stripped": dict(result.stripped),
+        "corrections": dict(result.corrections), "cases": len(result.cases), "alerts": len(result.alerts.alerts), "tickets": len(result.tickets),
+    }
+    run = RunRow(started_at=started_at, finished_at=datetime.now(UTC), config_hash=settings.config_hash(),
+                 code_version=__version__, inputs=inputs, counts=counts)
+    session.add(run)
+    session.flush()
+    audit.record(session, ACTOR, "run.completed", "run", str(run.id),
+                 {"config_hash": run.config_hash, "inputs": inputs, "counts": counts})
+    return ids
 
 
 def _row(obj) -> dict:
@@ -76,13 +86,11 @@ def _cases(session, result: RunResult) -> None:
 
 def _streams(session, result: RunResult) -> None:
     """Replace the checkpoints and daily points of every stream this run computed."""
-    for run in result.models.values():
-        if run.monitor is None:
-            continue
+    for monitor in result.monitors():
         for table in (StreamStateRow, MetricPointRow):
-            session.execute(delete(table).where(table.model == run.config.id, table.model_version == run.version))
+            session.execute(delete(table).where(table.model == monitor.model.id, table.model_version == monitor.version))
         states, points = [], []
-        for s in run.monitor.streams.values():
+        for s in monitor.streams.values():
             states.append(_state_row(s))
             points.extend(_point_rows(s))
         if states:
@@ -128,12 +136,20 @@ def _alerts(session, result: RunResult) -> dict[str, str]:
             AlertRow.site == ident[3], AlertRow.subgroup == ident[4], AlertRow.detector == ident[5],
             AlertRow.state.in_(("firing", "acknowledged")))).first()
         if existing is not None:
-            existing.fire_count += alert.fire_count
-            existing.last_fired_at = alert.last_fired_at
-            existing.current, existing.n_current = alert.signal.current, alert.signal.n_current
-            existing.ci_low, existing.ci_high = alert.signal.current_ci
             ids[alert.id] = existing.id
-            audit.record(session, ACTOR, "alert.refired", "alert", existing.id, {"fire_count": existing.fire_count})
+            newest = alert.last_fired_at or alert.signal.detected_at
+            if newest <= existing.last_fired_at:
+                continue  # this run's firing is already stored (the same run stored again)
+            existing.fire_count += alert.fire_count
+            existing.last_fired_at = newest
+            if alert.severity == "critical":
+                existing.severity = "critical"
+            s = alert.signal
+            existing.statistic, existing.current, existing.n_current = s.statistic, s.current, s.n_current
+            existing.ci_low, existing.ci_high = s.current_ci
+            audit.record(session, ACTOR, "alert.refired", "alert", existing.id,
+                         {"fire_count": existing.fire_count, "severity": existing.severity,
+                          "current": s.current, "ci": list(s.current_ci), "n_current": s.n_current})
             continue
         row = AlertRow.from_alert(alert)
         row.id = next_id(session, AlertRow, "A")
@@ -154,12 +170,16 @@ def _alert_payload(row: AlertRow) -> dict:
     }
 
 
-def _tickets(session, result: RunResult, alert_ids: dict[str, str]) -> None:
+def _tickets(session, result: RunResult, alert_ids: dict[str, str]) -> dict[str, str]:
+    """Open a ticket per root cause; its key (the draft's stable hash) maps to the stored id."""
+    ids: dict[str, str] = {}
     for draft in result.tickets:
         stored_alerts = [alert_ids[a] for a in draft.alert_ids if a in alert_ids]
-        if stored_alerts and session.scalar(select(AlertRow.ticket_id).where(AlertRow.id.in_(stored_alerts),
-                                                                           AlertRow.ticket_id.is_not(None))):
-            continue  # these alerts already have their ticket from an earlier run
+        earlier = session.scalar(select(AlertRow.ticket_id).where(AlertRow.id.in_(stored_alerts),
+                                                                  AlertRow.ticket_id.is_not(None)))
+        if earlier:  # these alerts already have their ticket from an earlier run
+            ids[draft.key] = earlier
+            continue
         ticket = TicketRow(
             id=next_id(session, TicketRow, "T"), model=draft.model, model_version=draft.model_version,
             category=draft.category.value, safety_overlay=draft.safety_overlay, matched_mod=draft.matched_mod,
@@ -169,12 +189,14 @@ def _tickets(session, result: RunResult, alert_ids: dict[str, str]) -> None:
         )
         session.add(ticket)
         session.flush()
+        ids[draft.key] = ticket.id
         for alert_id in stored_alerts:
             session.get(AlertRow, alert_id).ticket_id = ticket.id
         draft_payload = {k: v for k, v in dataclasses.asdict(draft).items() if k not in ("evidence", "alert_ids")}
         draft_payload["category"] = draft.category.value
         audit.record(session, ACTOR, "ticket.opened", "ticket", ticket.id,
                      {**_jsonable(draft_payload), "alerts": stored_alerts})
+    return ids
 
 
 def _jsonable(value):

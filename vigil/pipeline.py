@@ -2,7 +2,8 @@
 
 This is the wiring of DESIGN.md §The flow. Reference resources (sites, devices, patients, encounters) are applied
 first; events are then processed in arrival order (``meta.lastUpdated``), which is the feed's watermark: labels
-close and streams complete against it, so the same inputs and config always give the same alerts.
+close and streams complete against it, so the same inputs and config always give the same alerts, whatever the order
+of the input files.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import count
 from pathlib import Path
 
 from alerts.lifecycle import AlertBook
@@ -19,7 +21,7 @@ from ingest import Decoder, SubjectKeyer, load, reason_category
 from monitors.join import LabelJoin
 from monitors.streams import StreamMonitor
 from ontology import ConceptMaps, FactMapper, attributes, cells, definition_for
-from retrain_trigger import AcquisitionChange, TicketDraft, TriageContext, load_pccp, plan_tickets
+from retrain_trigger import AcquisitionChange, Pccp, TicketDraft, TriageContext, load_pccp, plan_tickets
 from vigil.domain import (
     ALL,
     Case,
@@ -40,15 +42,15 @@ REFERENCE_TYPES = (SiteInfo, DeviceInfo, SubjectInfo, EncounterInfo)
 
 @dataclass
 class ModelRun:
-    """The per-model state of one run: the join, the streams, and what they produced."""
+    """The per-model state of one run: the join, one set of streams per model version, and what they produced."""
 
     config: ModelConfig
     join: LabelJoin
-    monitor: StreamMonitor | None = None
-    version: str = "unknown"
-    cases: list[Case] = field(default_factory=list)
-    predictions: int = 0
-    closing: list[tuple[datetime, datetime, str, Case]] = field(default_factory=list)  # heap by window close
+    pccp: Pccp | None
+    monitors: dict[str, StreamMonitor] = field(default_factory=dict)  # by model version
+    cases: dict[str, Case] = field(default_factory=dict)  # by prediction resource id: corrections replace
+    closing: list[tuple[datetime, int, Case]] = field(default_factory=list)  # heap by window close
+    scanners: dict[tuple[str, str], datetime] = field(default_factory=dict)  # (site, device) → first use
 
 
 @dataclass
@@ -58,17 +60,20 @@ class RunResult:
     ignored: Counter = field(default_factory=Counter)
     duplicates: Counter = field(default_factory=Counter)
     stripped: Counter = field(default_factory=Counter)
+    corrections: Counter = field(default_factory=Counter)  # amendments/retractions the join could not yet apply
     unmapped: Counter = field(default_factory=Counter)  # (site, system, code) → count
     dead_letters: list[DeadLetter] = field(default_factory=list)
     models: dict[str, ModelRun] = field(default_factory=dict)
     alerts: AlertBook = field(default_factory=AlertBook)
     tickets: list[TicketDraft] = field(default_factory=list)
-    first_event: datetime | None = None
     watermark: datetime | None = None
 
     @property
     def cases(self) -> list[Case]:
-        return [c for run in self.models.values() for c in run.cases]
+        return [c for run in self.models.values() for c in run.cases.values()]
+
+    def monitors(self) -> list[StreamMonitor]:
+        return [m for run in self.models.values() for _, m in sorted(run.monitors.items())]
 
 
 class Pipeline:
@@ -76,10 +81,10 @@ class Pipeline:
         self.settings = settings
         self.decoder = Decoder(SubjectKeyer(settings.subject_key), policy=settings.deid_policy)
         self.mapper = FactMapper(ConceptMaps.load(settings.concept_maps), [m.outcome for m in settings.models])
-        self.result = RunResult()
-        for m in settings.models:
-            self.result.models[m.id] = ModelRun(m, LabelJoin(m, definition_for(m.outcome)))
-        self._definitions = {m.id: self.result.models[m.id].join.definition for m in settings.models}
+        self.result = RunResult(alerts=AlertBook(claims={m.id: dict(m.claims) for m in settings.models}))
+        for m in settings.models:  # a broken PCCP file fails here, before any work, naming the file
+            pccp = load_pccp(m.pccp) if m.pccp else None
+            self.result.models[m.id] = ModelRun(m, LabelJoin(m, definition_for(m.outcome)), pccp)
         self.sites: dict[str, SiteInfo] = {}
         self.devices: dict[str, DeviceInfo] = {}
         self.subjects: dict[str, SubjectInfo] = {}
@@ -87,7 +92,7 @@ class Pipeline:
         self._versions: dict[tuple[str, str], str] = {}
         self._subject_models: dict[str, set[str]] = defaultdict(set)
         self._subject_site: dict[str, str] = {}
-        self._scanner_first_seen: dict[tuple[str, str], datetime] = {}
+        self._seq = count()
 
     # --- entry points ----------------------------------------------------------------------------------
 
@@ -110,17 +115,16 @@ class Pipeline:
                 self._apply_reference(rec)
             else:
                 events.append((position, rec))
+        events.sort(key=_arrival_order)
         events = [(p, e) for p, e in events if not self._is_duplicate(e)]
-        events.sort(key=lambda pe: (pe[1].received or pe[1].time, pe[1].time))
         for i, (position, event) in enumerate(events):
             watermark = event.received or event.time
-            if self.result.first_event is None:
-                self.result.first_event = event.time
+            self._advance(watermark)  # windows that closed before this event arrived close first
             if isinstance(event, Prediction):
                 self._on_prediction(event, watermark, position)
             else:
                 self._on_fact(event, watermark)
-            self._advance(watermark)
+            self._release_all(watermark)
             if progress is not None and i % 5000 == 0:
                 progress(i, len(events))
         if progress is not None:
@@ -160,22 +164,30 @@ class Pipeline:
                                     pred.resource_id))
             self.result.accepted["RiskAssessment"] -= 1  # decoded, but it does not enter the flow
             return
+        rid = pred.resource_id
         if pred.status == "entered-in-error":
-            run.join.retract_prediction(pred.resource_id)
+            if not run.join.retract_prediction(rid) and run.cases.pop(rid, None) is not None:
+                self.result.corrections["prediction retracted after its label"] += 1
             return
+        if rid in run.cases:  # an amendment of a labeled prediction: relabeling is not built yet
+            self.result.corrections["prediction amended after its label"] += 1
+            return
+        amended = rid in run.join
         device = self.devices.get(pred.model_device or "")
         pred.model_version = (device.version if device and device.version else None) or "unknown"
         encounter = self.encounters.get(pred.encounter or "")
         pred.site = (encounter.site if encounter and encounter.site else None) or "unknown"
         scanner = self.devices.get(pred.scanner_device or "")
         if scanner is not None:
-            self._scanner_first_seen.setdefault((pred.site, scanner.device_id), pred.time)
+            key = (pred.site, scanner.device_id)
+            run.scanners[key] = min(run.scanners.get(key, pred.time), pred.time)
         pred.attributes = attributes(self.subjects.get(pred.subject), scanner, pred.time, self.settings.subgroups)
         self._subject_models[pred.subject].add(pred.model_id)
         self._subject_site[pred.subject] = pred.site
         monitor = self._monitor(run, pred)
-        run.predictions += 1
-        self._signals(monitor.observe("score_mean", pred.site, self._cells(pred), pred.score, pred.time, watermark))
+        if not amended:  # the score of a prediction counts once, whatever its versions
+            self._signals(monitor.observe("score_mean", pred.site, self._cells(pred), pred.score, pred.time,
+                                          watermark))
         case = run.join.add_prediction(pred)
         if case is not None:
             self._on_case(run, case, watermark)
@@ -186,41 +198,52 @@ class Pipeline:
         of = self.mapper.map(fact)
         for model_id in sorted(self._subject_models.get(fact.subject, ())):
             run = self.result.models[model_id]
-            if run.monitor is not None:
-                self._signals(run.monitor.observe("unmapped_rate", fact.site, [ALL], float(not of.mapped),
-                                                  fact.time, watermark))
-            if of.mapped and self._definitions[model_id].relevant(of):
+            for monitor in run.monitors.values():
+                self._signals(monitor.observe("unmapped_rate", fact.site, [ALL], float(not of.mapped), fact.time,
+                                              watermark))
+        if not of.mapped:
+            return
+        # every model whose outcome this fact can bear on keeps it, even before that subject's prediction arrives
+        # (a baseline creatinine is drawn before the risk score)
+        for model_id, run in sorted(self.result.models.items()):
+            if run.join.definition.relevant(of):
                 for case in run.join.add_fact(of):
                     self._on_case(run, case, watermark)
 
     def _on_case(self, run: ModelRun, case: Case, watermark: datetime) -> None:
-        """Feed a labeled case to the streams.
+        """Feed a labeled case to the streams of its model version.
 
         Positives arrive early (when their outcome is reported) and negatives only when the window closes, so a
         metric that mixes both would see a run of positives first and alarm on the order of arrival, not on the
         device. ``fnr`` (positives only) is observed at once; the mixed metrics (error rate, fpr, outcome rate) wait
-        until the case's window has closed and are observed in prediction-time order.
+        until the case's window has closed and are observed in prediction-time order (``_release``).
         """
-        run.cases.append(case)
-        if case.label is Label.CENSORED or run.monitor is None:
-            return
         pred = case.prediction
+        run.cases[pred.resource_id] = case
+        if case.label is Label.CENSORED:
+            return
         if case.label is Label.POSITIVE:
-            self._signals(run.monitor.observe("fnr", pred.site, self._cells(pred), float(not case.decision),
-                                              pred.time, watermark))
+            self._signals(run.monitors[pred.model_version].observe(
+                "fnr", pred.site, self._cells(pred), float(not case.decision), pred.time, watermark))
         closes = pred.time + run.config.label_window + run.config.label_grace
-        heapq.heappush(run.closing, (closes, pred.time, pred.resource_id, case))  # released by _advance
+        heapq.heappush(run.closing, (closes, next(self._seq), case))
+
+    def _release_all(self, watermark: datetime) -> None:
+        for run in self.result.models.values():
+            self._release(run, watermark)
 
     def _release(self, run: ModelRun, watermark: datetime) -> None:
         """Observe the mixed metrics of every case whose label window has closed, oldest prediction first.
 
-        Called once per event after the join has closed its windows, so a batch of late negatives and the positives
-        of the same days are interleaved by prediction time, never positives first.
+        Runs after the join has closed its windows for this event, so a batch of late negatives and the positives of
+        the same days are interleaved by prediction time, never positives first.
         """
-        observe = run.monitor.observe
         while run.closing and run.closing[0][0] <= watermark:
-            case = heapq.heappop(run.closing)[3]
+            case = heapq.heappop(run.closing)[2]
             pred = case.prediction
+            if run.cases.get(pred.resource_id) is not case:  # retracted since
+                continue
+            observe = run.monitors[pred.model_version].observe
             positive = case.label is Label.POSITIVE
             cells_ = self._cells(pred)
             self._signals(observe("error_rate", pred.site, cells_, float(case.decision != positive), pred.time,
@@ -235,24 +258,23 @@ class Pipeline:
         for run in self.result.models.values():
             for case in run.join.advance(watermark):
                 self._on_case(run, case, watermark)
-            if run.monitor is not None:
-                self._release(run, watermark)
             if new_day:  # bounded state: facts too old to label anything still to come
                 cfg = run.config
                 run.join.prune_facts(watermark - cfg.label_window - cfg.label_grace - cfg.outcome.baseline_lookback
                                      - timedelta(days=1))
-            if run.monitor is not None:
-                self._signals(run.monitor.advance(watermark))
+            for monitor in run.monitors.values():
+                self._signals(monitor.advance(watermark))
 
     # --- helpers ---------------------------------------------------------------------------------------
 
     def _monitor(self, run: ModelRun, pred: Prediction) -> StreamMonitor:
-        if run.monitor is None:
+        """The streams of this prediction's model version: a new version is monitored against its own baseline."""
+        monitor = run.monitors.get(pred.model_version)
+        if monitor is None:
             start = pred.time.replace(hour=0, minute=0, second=0, microsecond=0)
-            run.version = pred.model_version
-            run.monitor = StreamMonitor(run.config, pred.model_version, self.settings.monitors,
-                                        self.settings.subgroups, start)
-        return run.monitor
+            monitor = run.monitors[pred.model_version] = StreamMonitor(
+                run.config, pred.model_version, self.settings.monitors, self.settings.subgroups, start)
+        return monitor
 
     def _cells(self, pred: Prediction) -> list[str]:
         return cells(pred.attributes, self.settings.subgroups)
@@ -266,29 +288,34 @@ class Pipeline:
         self.result.rejected[reason_category(letter.reason)] += 1
 
     def _plan_tickets(self) -> None:
-        """Group each model's alerts into root causes and classify them against the device's PCCP."""
+        """Group each model version's alerts into root causes and classify them against the device's PCCP."""
         for model_id, run in sorted(self.result.models.items()):
-            alerts = self.result.alerts.open_for(model_id)
-            if not alerts or run.config.pccp is None or run.monitor is None:
+            if run.pccp is None:
                 continue
-            pccp = load_pccp(run.config.pccp)
-            ctx = TriageContext(sites=sorted(self._model_sites(run)),
-                                acquisition_changes=self._acquisition_changes(run),
-                                indications_min_age=pccp.indications_for_use.population.min_age)
-            drafts = plan_tickets(alerts, ctx, pccp, run.version)
-            self.result.tickets.extend(drafts)
+            for version, monitor in sorted(run.monitors.items()):
+                alerts = [a for a in self.result.alerts.open_for(model_id) if a.signal.stream.version == version]
+                if not alerts:
+                    continue
+                ctx = TriageContext(sites=sorted({k.site for k in monitor.streams if k.site != ALL}),
+                                    acquisition_changes=self._acquisition_changes(run, monitor),
+                                    indications_min_age=run.pccp.indications_for_use.population.min_age)
+                self.result.tickets.extend(plan_tickets(alerts, ctx, run.pccp, version))
 
-    def _model_sites(self, run: ModelRun) -> set[str]:
-        return {k.site for k in run.monitor.streams if k.site != ALL}
-
-    def _acquisition_changes(self, run: ModelRun) -> list[AcquisitionChange]:
-        """Scanners first used after the baseline period: candidate acquisition-device causes."""
+    def _acquisition_changes(self, run: ModelRun, monitor: StreamMonitor) -> list[AcquisitionChange]:
+        """This model's scanners first used after its baseline period: candidate acquisition-device causes."""
         changes = []
-        for (site, device_id), first in sorted(self._scanner_first_seen.items()):
-            if first >= run.monitor.baseline_end:
+        for (site, device_id), first in sorted(run.scanners.items()):
+            if first >= monitor.baseline_end:
                 d = self.devices[device_id]
                 changes.append(AcquisitionChange(site, first, d.manufacturer or "unknown", d.model or "unknown"))
         return changes
+
+
+def _arrival_order(item: tuple[Position, Prediction | Fact]):
+    """Arrival time, then event time, then identity and version: a total order independent of the input files."""
+    e = item[1]
+    rtype = e.resource_type if isinstance(e, Fact) else "RiskAssessment"
+    return (e.received or e.time, e.time, rtype, e.resource_id, _version_order(e.version_id))
 
 
 def _version_order(version: str) -> tuple[int, str]:
