@@ -165,7 +165,7 @@ class Decoder:
     def _encounter(self, r: dict) -> EncounterInfo:
         start = (r.get("period") or _EMPTY).get("start")
         return EncounterInfo(
-            encounter=_id(r),
+            encounter=self._encounter_key(_id(r)),
             subject=self._subject(r),
             site=reference_id(r.get("serviceProvider"), "Organization", conditional=True),
             start=_time(start, "period.start") if start is not None else None,
@@ -210,7 +210,7 @@ class Decoder:
             model_id,
             "",  # model_version: resolved from the model Device by the pipeline
             subject,
-            reference_id(get("encounter"), "Encounter"),
+            self._encounter_key(reference_id(get("encounter"), "Encounter")),
             _time(occurred, "occurrenceDateTime"),
             float(score),
             model_device,
@@ -262,7 +262,7 @@ class Decoder:
             str(meta.get("versionId") or "1"),
             status,
             self._subject(r),
-            reference_id(r.get("encounter"), "Encounter"),
+            self._encounter_key(reference_id(r.get("encounter"), "Encounter")),
             codings,
             time,
             None,  # value, unit: Observation only
@@ -285,6 +285,10 @@ class Decoder:
                     coding = cache[ident] = Coding(*ident)
                 out.append(coding)
         return tuple(out)
+
+    def _encounter_key(self, encounter: str | None) -> str | None:
+        """Visit numbers identify people too: encounters are keyed like subjects, so joins still work."""
+        return self.keyer.key("Encounter/" + encounter) if encounter else None
 
     def _subject(self, r: dict) -> str:
         subject = r.get("subject")

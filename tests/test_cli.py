@@ -65,3 +65,27 @@ def test_calibrate_reproduces_the_published_cusum_design():
     out = json.loads(_invoke("calibrate", "threshold", "--detector", "cusum", "--k", "0.5", "--arl0", "465",
                              "--json").stdout)
     assert out["h"] == pytest.approx(5.0, abs=0.01)
+
+
+def test_reading_commands_refuse_a_missing_store_instead_of_creating_one(tmp_path):
+    store = tmp_path / "nope.db"
+    for args in (["alerts", "list"], ["tickets", "list"], ["alerts", "show", "A-000001"], ["audit", "verify"]):
+        result = runner.invoke(app, [*args, "--store", f"sqlite:///{store}"])
+        assert result.exit_code == 2, (args, result.output)
+        assert "no vigil store" in result.output
+    assert not store.exists()
+
+
+def test_ingest_of_a_missing_path_fails_after_storing_the_rest(feed, tmp_path):
+    store = tmp_path / "v.db"
+    result = runner.invoke(app, ["ingest", str(feed / "Organization.000.ndjson"), str(tmp_path / "missing.ndjson"),
+                                 "--store", f"sqlite:///{store}", "--json"])
+    assert result.exit_code == 2
+    assert json.loads(result.stdout)["accepted"] == {"Organization": 3}
+    with sqlite3.connect(store) as db:
+        assert db.execute("select reason from dead_letters").fetchone()[0].startswith("file not found")
+
+
+def test_demo_rejects_an_unknown_scenario(tmp_path):
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path), "--scenario", "nope"])
+    assert result.exit_code == 2 and "unknown scenario" in result.output

@@ -80,7 +80,7 @@ def test_risk_assessment_decodes_to_a_prediction():
         model_id="cta-stenosis",
         model_version="",
         subject=_key("p1"),
-        encounter="e9",
+        encounter=KEYER.key("Encounter/e9"),  # visit numbers are keyed like subjects
         time=datetime(2024, 3, 6, 2, 30, tzinfo=UTC),
         score=0.83,
         model_device="cta-stenosis-2.1.0",
@@ -159,7 +159,7 @@ def test_condition_status_code_and_time():
         version_id="1",
         status="resolved",
         subject=_key("p1"),
-        encounter="e9",
+        encounter=KEYER.key("Encounter/e9"),  # visit numbers are keyed like subjects
         codings=(Coding("urn:site-a:dx", "STEN"),),
         time=datetime(2024, 3, 20, tzinfo=UTC),
     )
@@ -241,9 +241,9 @@ def test_devices_by_kind():
 def test_synthea_reference_data(stripped_load):
     encounters = {r.encounter: r for _, r in stripped_load.records if isinstance(r, EncounterInfo)}
     sites = {r.site: r for _, r in stripped_load.records if isinstance(r, SiteInfo)}
-    encounter = encounters["00c7f717-4030-5582-2ed8-888ad2bc878e"]
+    encounter = encounters[KEYER.key("Encounter/00c7f717-4030-5582-2ed8-888ad2bc878e")]
     assert encounter == EncounterInfo(
-        encounter="00c7f717-4030-5582-2ed8-888ad2bc878e",
+        encounter=KEYER.key("Encounter/00c7f717-4030-5582-2ed8-888ad2bc878e"),
         subject=_key("79a66c97-6131-3213-f3c9-4606946ab056"),
         site="a261e1fc-9361-3633-a2c4-8569a04b818d",  # conditional reference Organization?identifier=...|<id>
         start=datetime(1989, 10, 4, 6, 25, 16, tzinfo=UTC),
