@@ -75,6 +75,7 @@ class Stream:
     prev_stat: float = 0.0
     alarms: int = 0
     points: dict[datetime, DayPoint] = field(default_factory=dict)
+    last_point: DayPoint | None = None  # the day most recently updated: observations come in runs of one day
 
     def add_baseline(self, x: float, charted: float) -> None:
         self.b_n += 1
@@ -104,6 +105,7 @@ class StreamMonitor:
         self._active: set[str] = set()
         self._groups: dict[tuple[str, str, tuple[str, ...]], list[Stream]] = {}
         self.late_baseline: Counter[str] = Counter()  # baseline-period observations that arrived after completion
+        self._next_completion: datetime | None = min(self.complete_at.values()) if self.complete_at else None
 
     # --- input ---------------------------------------------------------------------------------------
 
@@ -128,6 +130,8 @@ class StreamMonitor:
 
     def advance(self, watermark: datetime) -> list[Signal]:
         """Complete every metric whose baseline can no longer change, and replay what waited for it."""
+        if self._next_completion is None or watermark < self._next_completion:
+            return []  # the common case, on every event
         signals: list[Signal] = []
         for metric, at in self.complete_at.items():
             if metric not in self._active and watermark >= at:
@@ -135,6 +139,8 @@ class StreamMonitor:
                 self._active.add(metric)
                 for site, cells, x, event_time in self._buffer.pop(metric):
                     signals += self._update(metric, site, cells, x, event_time, watermark)
+        waiting = [at for m, at in self.complete_at.items() if m not in self._active]
+        self._next_completion = min(waiting) if waiting else None
         return signals
 
     # --- internals -------------------------------------------------------------------------------------
@@ -192,22 +198,27 @@ class StreamMonitor:
                 watermark: datetime) -> list[Signal]:
         signals = []
         day = event_time.replace(hour=0, minute=0, second=0, microsecond=0)
+        mean = metric in MEAN_METRICS
+        charted = _logit(x) if mean else x
         for s in self._group(metric, site, cells):
-            if s.detector is None:
-                continue
             d = s.detector
+            if d is None:
+                continue
             before = s.prev_stat
-            alarm = d.update((_logit(x) - s.centre) / s.sd if s.sd else x)
+            alarm = d.update((charted - s.centre) / s.sd if mean else x)
             # where the current excursion began: the statistic left zero (CUSUM) or Z changed sign (EWMA)
-            centre = d.z if isinstance(d, Ewma) else d.statistic
-            if s.run_start is None or (before * centre <= 0 if isinstance(d, Ewma) else before <= 0):
+            centre = d.z if mean else d.statistic
+            if s.run_start is None or (before * centre <= 0 if mean else before <= 0):
                 s.run_start, s.run_n, s.run_sum, s.run_sumsq = event_time, 0, 0.0, 0.0
             s.run_n += 1
             s.run_sum += x
             s.run_sumsq += x * x
-            point = s.points.get(day)
-            if point is None:
-                point = s.points[day] = DayPoint(day)
+            point = s.last_point
+            if point is None or point.day != day:
+                point = s.points.get(day)
+                if point is None:
+                    point = s.points[day] = DayPoint(day)
+                s.last_point = point
             point.n += 1
             point.total += x
             point.total_sq += x * x
