@@ -42,6 +42,15 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def interval(metric: str, total: float, total_sq: float, n: int) -> tuple[float, float]:
+    """95 % interval of a stream's value over n observations: Wilson for rates, normal for score means."""
+    if metric in MEAN_METRICS:
+        mean = total / n
+        half = 1.96 * math.sqrt(max(total_sq / n - mean * mean, 0.0) / n)
+        return (mean - half, mean + half)
+    return wilson(total, n)
+
+
 @dataclass(slots=True)
 class DayPoint:
     """One day of one stream, for the dashboards: count, value and the chart statistic at day end."""
@@ -234,12 +243,7 @@ class StreamMonitor:
     def _signal(self, s: Stream, watermark: datetime) -> Signal:
         s.alarms += 1
         current = s.run_sum / s.run_n
-        if s.key.metric in MEAN_METRICS:
-            sd = math.sqrt(max(s.run_sumsq / s.run_n - current * current, 0.0))
-            half = 1.96 * sd / math.sqrt(s.run_n)
-            ci = (current - half, current + half)
-        else:
-            ci = wilson(s.run_sum, s.run_n)
+        ci = interval(s.key.metric, s.run_sum, s.run_sumsq, s.run_n)
         return Signal(
             stream=s.key,
             detector=s.detector_name,

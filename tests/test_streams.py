@@ -5,7 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from monitors.streams import StreamMonitor, wilson
+from monitors.streams import StreamMonitor, interval, wilson
 from vigil.domain import ALL, StreamKey
 from vigil.settings import BudgetConfig, MonitorConfig, SubgroupConfig, load_settings
 
@@ -34,6 +34,12 @@ def test_wilson_interval_matches_the_published_example():
     # Newcombe 1998, Table I: 81/263 → 0.2553–0.3662 (Wilson score interval)
     lo, hi = wilson(81, 263)
     assert lo == pytest.approx(0.2553, abs=5e-4) and hi == pytest.approx(0.3662, abs=5e-4)
+
+
+def test_interval_is_wilson_for_rates_and_normal_for_score_means():
+    assert interval("fnr", 81, 81, 263) == wilson(81, 263)
+    lo, hi = interval("score_mean", 1 + 2 + 3 + 4, 1 + 4 + 9 + 16, 4)  # mean 2.5, sd 1.118
+    assert (lo, hi) == (pytest.approx(2.5 - 1.0957, abs=1e-4), pytest.approx(2.5 + 1.0957, abs=1e-4))
 
 
 def test_labeled_metric_waits_for_its_baseline_labels_then_calibrates_from_the_budget():

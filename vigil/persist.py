@@ -14,7 +14,7 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session
 
 from alerts.lifecycle import identity
-from monitors.streams import MEAN_METRICS, Stream, wilson
+from monitors.streams import Stream, interval
 from vigil import __version__, audit
 from vigil.pipeline import RunResult
 from vigil.settings import Settings
@@ -114,14 +114,8 @@ def _state_row(s: Stream) -> dict:
 def _point_rows(s: Stream) -> list[dict]:
     rows = []
     for day, p in sorted(s.points.items()):
-        value = p.total / p.n
-        if s.key.metric in MEAN_METRICS:
-            sd = max(p.total_sq / p.n - value * value, 0.0) ** 0.5
-            half = 1.96 * sd / p.n ** 0.5
-            lo, hi = value - half, value + half
-        else:
-            lo, hi = wilson(p.total, p.n)
-        rows.append({**_key(s), "period_start": day, "n": p.n, "value": value, "ci_low": lo, "ci_high": hi,
+        lo, hi = interval(s.key.metric, p.total, p.total_sq, p.n)
+        rows.append({**_key(s), "period_start": day, "n": p.n, "value": p.total / p.n, "ci_low": lo, "ci_high": hi,
                      "statistic": p.statistic, "threshold": p.threshold})
     return rows
 
