@@ -186,20 +186,7 @@ def _tickets(session, result: RunResult, alert_ids: dict[str, str]) -> dict[str,
         ids[draft.key] = ticket.id
         for alert_id in stored_alerts:
             session.get(AlertRow, alert_id).ticket_id = ticket.id
-        draft_payload = {k: v for k, v in dataclasses.asdict(draft).items() if k not in ("evidence", "alert_ids")}
-        draft_payload["category"] = draft.category.value
-        audit.record(session, ACTOR, "ticket.opened", "ticket", ticket.id,
-                     {**_jsonable(draft_payload), "alerts": stored_alerts})
+        payload = {k: v for k, v in dataclasses.asdict(draft).items() if k not in ("evidence", "alert_ids")}
+        audit.record(session, ACTOR, "ticket.opened", "ticket", ticket.id, {**payload, "alerts": stored_alerts})
     return ids
 
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if hasattr(value, "value"):
-        return value.value
-    return value
