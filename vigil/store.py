@@ -156,7 +156,17 @@ class CaseRow(Base):
         )
 
 
-class StreamStateRow(Base):
+class StreamKeyColumns:
+    """The columns that name a stream (model, version, metric, site, subgroup cell; DESIGN.md §Domain)."""
+
+    model: Mapped[str]
+    model_version: Mapped[str]
+    metric: Mapped[str]
+    site: Mapped[str]
+    subgroup: Mapped[str]
+
+
+class StreamStateRow(StreamKeyColumns, Base):
     """A detector's checkpoint on one stream, so a restart resumes where it stopped."""
 
     __tablename__ = "stream_state"
@@ -169,11 +179,6 @@ class StreamStateRow(Base):
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    model: Mapped[str]
-    model_version: Mapped[str]
-    metric: Mapped[str]
-    site: Mapped[str]
-    subgroup: Mapped[str]
     detector: Mapped[str]
     status: Mapped[str] = mapped_column(default="baseline")
     baseline: Mapped[float | None]
@@ -186,7 +191,7 @@ class StreamStateRow(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
-class MetricPointRow(Base):
+class MetricPointRow(StreamKeyColumns, Base):
     """One stream's value for one UTC day: what the Grafana panels plot."""
 
     __tablename__ = "metric_points"
@@ -198,11 +203,6 @@ class MetricPointRow(Base):
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    model: Mapped[str]
-    model_version: Mapped[str]
-    metric: Mapped[str]
-    site: Mapped[str]
-    subgroup: Mapped[str]
     period_start: Mapped[datetime]
     n: Mapped[int]
     value: Mapped[float | None]
@@ -242,7 +242,7 @@ class TicketRow(Base):
     alerts: Mapped[list[AlertRow]] = relationship(back_populates="ticket", order_by="AlertRow.id")
 
 
-class AlertRow(Base):
+class AlertRow(StreamKeyColumns, Base):
     """A detector signal with its lifecycle and the evidence an inspector asks for."""
 
     __tablename__ = "alerts"
@@ -256,11 +256,6 @@ class AlertRow(Base):
     )
 
     id: Mapped[str] = mapped_column(String(16), primary_key=True)
-    model: Mapped[str]
-    model_version: Mapped[str]
-    metric: Mapped[str]
-    site: Mapped[str]
-    subgroup: Mapped[str]
     detector: Mapped[str]
     state: Mapped[str] = mapped_column(default=AlertState.FIRING.value)
     severity: Mapped[str] = mapped_column(default="warning")
