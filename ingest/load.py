@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ingest.decode import Decoder, Record
-from ingest.reader import iter_resources
+from ingest.reader import Item, iter_message, iter_resources
+from ingest.sources import Message
 from vigil.domain import DeadLetter, Position
 
 _PROBLEM_CATEGORIES = {"missing": "missing element", "invalid": "invalid value", "fails": "FHIR validation",
@@ -29,9 +30,18 @@ def load(paths: Iterable[Path | str] | Path | str, decoder: Decoder) -> IngestRe
     """Read and decode everything under ``paths``; bad input lands in ``dead_letters``, never raises."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
+    return decode_items(iter_resources(paths), decoder)
+
+
+def load_messages(messages: Iterable[Message], decoder: Decoder) -> IngestResult:
+    """Decode messages from a stream source (one resource or Bundle each); bad input lands in ``dead_letters``."""
+    return decode_items((item for m in messages for item in iter_message(m.payload, m.position)), decoder)
+
+
+def decode_items(items: Iterable[Item], decoder: Decoder) -> IngestResult:
     result = IngestResult()
     stripped_before = decoder.stripped.copy()
-    for item in iter_resources(paths):
+    for item in items:
         if isinstance(item, DeadLetter):
             outcome: Record | DeadLetter | None = item
         else:

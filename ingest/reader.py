@@ -78,23 +78,39 @@ def _read_json(path: Path, in_directory: bool) -> Iterator[Item]:
     except orjson.JSONDecodeError as exc:
         yield DeadLetter(Position(source), f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
         return
+    if not _is_resource(value) and in_directory:  # a bulk-export manifest, a simulator ground-truth file: not for us
+        log.debug("skipping %s: JSON without resourceType", source)
+        return
+    yield from _resources_in(value, Position(source), entry_lines=True)
+
+
+def iter_message(payload: bytes, position: Position) -> Iterator[Item]:
+    """The resources in one message from a stream (a Kafka record, a webhook body): a resource or a Bundle."""
+    try:
+        value = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        yield DeadLetter(position, f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+        return
+    yield from _resources_in(value, position, entry_lines=False)
+
+
+def _resources_in(value: object, position: Position, entry_lines: bool) -> Iterator[Item]:
+    """A resource as itself, a Bundle as its entries; in a file an entry's position is its 1-based index, in a
+    message it keeps the message's own position (topic/partition/offset), since that is what a replay seeks to."""
     if not _is_resource(value):
-        if in_directory:  # a bulk-export manifest, a simulator ground-truth file: not for us
-            log.debug("skipping %s: JSON without resourceType", source)
-        else:
-            yield DeadLetter(Position(source), NOT_FHIR)
+        yield DeadLetter(position, NOT_FHIR)
         return
     if value["resourceType"] != "Bundle":
-        yield Position(source), value
+        yield position, value
         return
     for index, entry in enumerate(bundle_entries(value)):
-        position = Position(source, index + 1)
+        at = Position(position.source, index + 1) if entry_lines else position
         if _is_resource(entry):
-            yield position, entry
+            yield at, entry
         elif entry is None:
-            yield DeadLetter(position, "Bundle entry without a resource (nothing to ingest; deletes are not supported)")
+            yield DeadLetter(at, "Bundle entry without a resource (nothing to ingest; deletes are not supported)")
         else:
-            yield DeadLetter(position, NOT_FHIR)
+            yield DeadLetter(at, NOT_FHIR)
 
 
 def _is_resource(value: object) -> bool:

@@ -4,6 +4,8 @@ set -euo pipefail
 missing=()
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
 command -v docker-compose >/dev/null || missing+=(docker-compose)   # validates docker-compose.yml (no engine needed)
+command -v prometheus-alertmanager >/dev/null || missing+=(prometheus-alertmanager)   # alert routing tests (API v2)
+command -v chromium >/dev/null || missing+=(chromium)   # renders the HTML report headless for the screenshot test
 [ ${#missing[@]} -eq 0 ] && exit 0
 echo "installing Debian packages for the tests: ${missing[*]}"
 sudo=""

@@ -35,7 +35,7 @@ CET = timezone(timedelta(hours=2))
 T0 = datetime(2025, 3, 1, 23, 30, 15, 123456, tzinfo=CET)  # 21:30:15.123456 UTC
 Row = TypeVar("Row", bound=store.Base)
 TABLES = {"cases", "stream_state", "metric_points", "alerts", "tickets", "dead_letters", "audit_log",
-          "source_offsets", "runs"}
+          "source_offsets", "runs", "source_cursors", "checkpoints", "outbox", "api_tokens", "alert_comments"}
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_upgrade_on_sqlite_creates_every_table_at_head_and_is_idempotent(sqlite_
     engine = store.engine_for(sqlite_url)
     with engine.connect() as c:
         assert set(inspect(c).get_table_names()) == TABLES | {"alembic_version"}
-        assert c.scalar(text("SELECT version_num FROM alembic_version")) == "0002"
+        assert c.scalar(text("SELECT version_num FROM alembic_version")) == "0003"
         assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert c.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     engine.dispose()

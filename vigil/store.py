@@ -24,6 +24,7 @@ from sqlalchemy import (
     Engine,
     ForeignKey,
     Index,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -48,6 +49,7 @@ ALERT_STATES = tuple(state.value for state in AlertState)
 SEVERITIES = ("warning", "critical")
 STREAM_STATUSES = ("baseline", "active", "insufficient_data", "alarmed")
 TICKET_STATUSES = ("open", "in_progress", "acceptance_recorded", "closed")
+ROLES = ("viewer", "safety_officer", "engineer", "admin")
 PCCP_CATEGORIES = tuple(category.value for category in PccpCategory)
 
 
@@ -236,6 +238,7 @@ class TicketRow(Base):
     rationale: Mapped[list[Any]] = mapped_column(default=list)
     required_actions: Mapped[list[Any]] = mapped_column(default=list)
     evidence: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    acceptance: Mapped[dict[str, Any] | None]  # the recorded acceptance result (pass → C2, fail → C2-F)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -276,6 +279,10 @@ class AlertRow(StreamKeyColumns, Base):
     ack_comment: Mapped[str | None] = mapped_column(Text)
     resolved_by: Mapped[str | None]
     resolved_at: Mapped[datetime | None]
+    silenced_until: Mapped[datetime | None]
+    silenced_by: Mapped[str | None]
+    silence_reason: Mapped[str | None] = mapped_column(Text)
+    escalated_at: Mapped[datetime | None]
     ticket_id: Mapped[str | None] = mapped_column(ForeignKey("tickets.id"))
 
     ticket: Mapped[TicketRow | None] = relationship(back_populates="alerts")
@@ -306,6 +313,18 @@ class AlertRow(StreamKeyColumns, Base):
             fire_count=alert.fire_count,
             last_fired_at=alert.last_fired_at or s.detected_at,
         )
+
+
+class AlertCommentRow(Base):
+    """A safety officer's note on an alert (also recorded in the audit log)."""
+
+    __tablename__ = "alert_comments"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    alert_id: Mapped[str] = mapped_column(ForeignKey("alerts.id"), index=True)
+    author: Mapped[str]
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    text: Mapped[str] = mapped_column(Text)
 
 
 class DeadLetterRow(Base):
@@ -363,6 +382,76 @@ class SourceOffsetRow(Base):
     partition: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     offset: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class SourceCursorRow(Base):
+    """Where a non-offset source resumes: a REST poll's ``_lastUpdated``, an ``$export``'s next ``_since``, a
+    subscription's last event number. Written in the same transaction as the state it produced."""
+
+    __tablename__ = "source_cursors"
+
+    source: Mapped[str] = mapped_column(primary_key=True)
+    cursor: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class CheckpointRow(Base):
+    """The pipeline's in-memory state (pending predictions, joins, detectors, open alerts) after the last stored batch.
+
+    Saved in the same transaction as the source offsets, so a restart resumes exactly where the stored results end.
+    ``state`` is versioned by ``code_version`` and ``config_hash``: a checkpoint from other code or config is not
+    restored (the run replays from the sources instead), and ``signature`` (HMAC with the subject key) refuses a blob
+    that was not written by vigil.
+    """
+
+    __tablename__ = "checkpoints"
+
+    name: Mapped[str] = mapped_column(primary_key=True)
+    code_version: Mapped[str]
+    config_hash: Mapped[str]
+    state: Mapped[bytes] = mapped_column(LargeBinary)
+    signature: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class OutboxRow(Base):
+    """One notification to deliver to one receiver: written with the alert transition, delivered with retries.
+
+    ``dedupe_key`` makes enqueueing idempotent (one row per receiver × alert × event); ``delivered_at`` set means done.
+    """
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        UniqueConstraint("receiver", "dedupe_key"),
+        Index(None, "delivered_at", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    receiver: Mapped[str]
+    kind: Mapped[str]  # alertmanager | email | webhook | chat
+    alert_id: Mapped[str | None] = mapped_column(String(16))
+    event: Mapped[str]  # firing | resolved | acknowledged | escalation | ...
+    dedupe_key: Mapped[str]
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiTokenRow(Base):
+    """A bearer token for the REST API: only its SHA-256 is stored; the role decides what it may do."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (CheckConstraint(_one_of("role", ROLES), name="role"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
 
 
 class RunRow(Base):
