@@ -24,7 +24,7 @@ class Message:
 class Checkpoint:
     """Where a source resumes: per-partition next offsets (Kafka) and/or an opaque cursor (REST, ``$export``)."""
 
-    offsets: dict[int, int] = field(default_factory=dict)  # partition → next offset to read
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition) → next offset to read
     cursor: str | None = None
 
 
