@@ -38,6 +38,7 @@ class AlertBook:
     next_seq: int = 1
     alerts: list[Alert] = field(default_factory=list)
     _open: dict[Identity, Alert] = field(default_factory=dict)
+    stored: dict[str, tuple[str, int]] = field(default_factory=dict)  # alert id → (id in the store, fire count stored)
 
     def fire(self, signal: Signal) -> Alert:
         ident = identity(signal)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from alerts.lifecycle import identity
@@ -35,36 +35,46 @@ ACTOR = "vigil-pipeline"
 
 
 def persist(result: RunResult, settings: Settings, inputs: list[str], started_at: datetime) -> dict[str, str]:
-    """Store ``result``; returns the mapping from the run's provisional alert and ticket keys to the stored ids."""
+    """Store a one-shot run; returns the mapping from the run's provisional alert and ticket keys to the stored ids."""
     upgrade(settings.store_url)
     engine = engine_for(settings.store_url)
     try:
         with Session(engine, expire_on_commit=False) as session, session.begin():
-            return _persist(session, result, settings, inputs, started_at)
+            ids = store_results(session, result)
+            record_run(session, RunRow(started_at=started_at, config_hash=settings.config_hash(),
+                                       code_version=__version__, inputs=inputs), result)
     finally:
         engine.dispose()  # no open handles on the store file once the run is stored
+    return ids
 
 
-def _persist(session: Session, result: RunResult, settings: Settings, inputs: list[str],
-             started_at: datetime) -> dict[str, str]:
+def store_results(session: Session, result: RunResult) -> dict[str, str]:
+    """Write what the pipeline produced since the last store, in the caller's transaction; after it commits, call
+    ``result.mark_stored()``. Returns provisional alert and ticket keys → stored ids."""
     _cases(session, result)
     _streams(session, result)
     if result.dead_letters:
         session.execute(insert(DeadLetterRow), [_row(DeadLetterRow.from_dead_letter(d)) for d in result.dead_letters])
     ids = _alerts(session, result)
     ids.update(_tickets(session, result, ids))
-    counts = {
+    return ids
+
+
+def record_run(session: Session, run: RunRow, result: RunResult, final: bool = True) -> RunRow:
+    """Add or update the run record with the counts so far; the audit log gets one entry when the run completes."""
+    run.counts = {
         "accepted": dict(result.accepted), "rejected": dict(result.rejected), "ignored": dict(result.ignored),
         "duplicates": dict(result.duplicates), "stripped": dict(result.stripped),
-        "corrections": dict(result.corrections), "cases": len(result.cases), "alerts": len(result.alerts.alerts), "tickets": len(result.tickets),
+        "corrections": dict(result.corrections), "cases": len(result.cases), "alerts": len(result.alerts.alerts),
+        "tickets": len(result.tickets),
     }
-    run = RunRow(started_at=started_at, finished_at=datetime.now(UTC), config_hash=settings.config_hash(),
-                 code_version=__version__, inputs=inputs, counts=counts)
-    session.add(run)
+    run.finished_at = datetime.now(UTC) if final else None
+    run = session.merge(run)
     session.flush()
-    audit.record(session, ACTOR, "run.completed", "run", str(run.id),
-                 {"config_hash": run.config_hash, "inputs": inputs, "counts": counts})
-    return ids
+    if final:
+        audit.record(session, ACTOR, "run.completed", "run", str(run.id),
+                     {"config_hash": run.config_hash, "inputs": run.inputs, "counts": run.counts})
+    return run
 
 
 def _row(obj) -> dict:
@@ -73,15 +83,34 @@ def _row(obj) -> dict:
 
 
 def _cases(session, result: RunResult) -> None:
-    cases = result.cases
+    """Insert the cases labeled since the last store; a case stored before (e.g. then censored, now relabeled by a
+    late or corrected outcome) is updated in place."""
+    cases = list(result.unsaved.values())
     if not cases:
         return
-    models = {c.prediction.model_id for c in cases}
-    known = set(session.execute(select(CaseRow.model, CaseRow.prediction_id).where(CaseRow.model.in_(models))).all())
-    rows = [_row(CaseRow.from_case(c)) for c in cases
-            if (c.prediction.model_id, c.prediction.resource_id) not in known]
+    known: dict[tuple[str, str], int] = {}
+    for model in {c.prediction.model_id for c in cases}:
+        ids = [c.prediction.resource_id for c in cases if c.prediction.model_id == model]
+        for i in range(0, len(ids), 5000):
+            known.update(((model, pid), row_id) for row_id, pid in session.execute(
+                select(CaseRow.id, CaseRow.prediction_id).where(CaseRow.model == model,
+                                                                CaseRow.prediction_id.in_(ids[i:i + 5000]))))
+    rows, changes = [], []
+    for c in cases:
+        row = _row(CaseRow.from_case(c))
+        row_id = known.get((c.prediction.model_id, c.prediction.resource_id))
+        if row_id is None:
+            rows.append(row)
+        else:
+            changes.append({"id": row_id, **{k: row.get(k) for k in _RELABEL_COLUMNS}})
     if rows:
         session.execute(insert(CaseRow), rows)
+    if changes:
+        session.execute(update(CaseRow), changes)
+
+
+_RELABEL_COLUMNS = ("label", "labeled_at", "outcome_definition", "evidence", "prediction_version", "score",
+                    "decision")
 
 
 def _streams(session, result: RunResult) -> None:
@@ -121,38 +150,57 @@ def _point_rows(s: Stream) -> list[dict]:
 
 
 def _alerts(session, result: RunResult) -> dict[str, str]:
-    """Insert new alerts; a re-fire of an alert still open in the store updates it instead."""
+    """Insert new alerts and apply re-fires to the stored ones; unchanged alerts are not touched.
+
+    An alert already stored by this process (``book.stored``) gets only the firings since; if a safety officer resolved
+    it meanwhile, the new firing is a new incident and opens a new alert. An alert this process has not stored yet
+    re-uses an open stored alert with the same identity (the same feed stored again, or a restart), else is inserted.
+    """
+    book = result.alerts
     ids: dict[str, str] = {}
-    for alert in result.alerts.alerts:
-        ident = identity(alert.signal)
-        existing = session.scalars(select(AlertRow).where(
-            AlertRow.model == ident[0], AlertRow.model_version == ident[1], AlertRow.metric == ident[2],
-            AlertRow.site == ident[3], AlertRow.subgroup == ident[4], AlertRow.detector == ident[5],
-            AlertRow.state.in_(("firing", "acknowledged")))).first()
-        if existing is not None:
+    for alert in book.alerts:
+        stored_id, stored_fires = book.stored.get(alert.id, (None, 0))
+        if stored_id is not None and alert.fire_count == stored_fires:
+            ids[alert.id] = stored_id
+            continue
+        existing = session.get(AlertRow, stored_id) if stored_id else _open_alert(session, identity(alert.signal))
+        if existing is not None and existing.state in ("firing", "acknowledged"):
             ids[alert.id] = existing.id
             newest = alert.last_fired_at or alert.signal.detected_at
-            if newest <= existing.last_fired_at:
-                continue  # this run's firing is already stored (the same run stored again)
-            existing.fire_count += alert.fire_count
-            existing.last_fired_at = newest
-            if alert.severity == "critical":
-                existing.severity = "critical"
-            s = alert.signal
-            existing.statistic, existing.current, existing.n_current = s.statistic, s.current, s.n_current
-            existing.ci_low, existing.ci_high = s.current_ci
-            audit.record(session, ACTOR, "alert.refired", "alert", existing.id,
-                         {"fire_count": existing.fire_count, "severity": existing.severity,
-                          "current": s.current, "ci": list(s.current_ci), "n_current": s.n_current})
-            continue
-        row = AlertRow.from_alert(alert)
-        row.id = next_id(session, AlertRow, "A")
-        row.last_fired_at = alert.last_fired_at or alert.signal.detected_at
-        session.add(row)
-        session.flush()
-        ids[alert.id] = row.id
-        audit.record(session, ACTOR, "alert.fired", "alert", row.id, _alert_payload(row))
+            if stored_id is None and newest <= existing.last_fired_at:
+                book.stored[alert.id] = (existing.id, alert.fire_count)
+                continue  # this firing is already stored (the same feed stored again)
+            _refire(session, existing, alert, alert.fire_count - stored_fires if stored_id else alert.fire_count)
+        else:
+            row = AlertRow.from_alert(alert)
+            row.id = next_id(session, AlertRow, "A")
+            row.last_fired_at = alert.last_fired_at or alert.signal.detected_at
+            session.add(row)
+            session.flush()
+            ids[alert.id] = row.id
+            audit.record(session, ACTOR, "alert.fired", "alert", row.id, _alert_payload(row))
+        book.stored[alert.id] = (ids[alert.id], alert.fire_count)
     return ids
+
+
+def _open_alert(session, ident) -> AlertRow | None:
+    return session.scalars(select(AlertRow).where(
+        AlertRow.model == ident[0], AlertRow.model_version == ident[1], AlertRow.metric == ident[2],
+        AlertRow.site == ident[3], AlertRow.subgroup == ident[4], AlertRow.detector == ident[5],
+        AlertRow.state.in_(("firing", "acknowledged")))).first()
+
+
+def _refire(session, existing: AlertRow, alert, new_fires: int) -> None:
+    existing.fire_count += new_fires
+    existing.last_fired_at = max(existing.last_fired_at, alert.last_fired_at or alert.signal.detected_at)
+    if alert.severity == "critical":
+        existing.severity = "critical"
+    s = alert.signal
+    existing.statistic, existing.current, existing.n_current = s.statistic, s.current, s.n_current
+    existing.ci_low, existing.ci_high = s.current_ci
+    audit.record(session, ACTOR, "alert.refired", "alert", existing.id,
+                 {"fire_count": existing.fire_count, "severity": existing.severity,
+                  "current": s.current, "ci": list(s.current_ci), "n_current": s.n_current})
 
 
 def _alert_payload(row: AlertRow) -> dict:

@@ -13,11 +13,10 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from itertools import count
 from pathlib import Path
 
 from alerts.lifecycle import AlertBook
-from ingest import Decoder, SubjectKeyer, load, reason_category
+from ingest import Decoder, IngestResult, SubjectKeyer, load, reason_category
 from monitors.join import LabelJoin
 from monitors.streams import StreamMonitor
 from ontology import ConceptMaps, FactMapper, attributes, cells, definition_for
@@ -64,6 +63,7 @@ class RunResult:
     unmapped: Counter = field(default_factory=Counter)  # (site, system, code) → count
     dead_letters: list[DeadLetter] = field(default_factory=list)
     models: dict[str, ModelRun] = field(default_factory=dict)
+    unsaved: dict[tuple[str, str], Case] = field(default_factory=dict)  # (model, prediction id) → case, until stored
     alerts: AlertBook = field(default_factory=AlertBook)
     tickets: list[TicketDraft] = field(default_factory=list)
     watermark: datetime | None = None
@@ -71,6 +71,11 @@ class RunResult:
     @property
     def cases(self) -> list[Case]:
         return [c for run in self.models.values() for c in run.cases.values()]
+
+    def mark_stored(self) -> None:
+        """The store now holds every case and dead letter so far (its transaction committed): forget the deltas."""
+        self.unsaved.clear()
+        self.dead_letters.clear()
 
     def monitors(self) -> list[StreamMonitor]:
         return [m for run in self.models.values() for _, m in sorted(run.monitors.items())]
@@ -92,13 +97,16 @@ class Pipeline:
         self._versions: dict[tuple[str, str], str] = {}
         self._subject_models: dict[str, set[str]] = defaultdict(set)
         self._subject_site: dict[str, str] = {}
-        self._seq = count()
+        self._seq = 0  # tiebreak in the closing heaps: cases closing at the same instant keep arrival order
 
     # --- entry points ----------------------------------------------------------------------------------
 
     def run_paths(self, paths: Iterable[Path | str], progress=None) -> RunResult:
         """Read files/directories, decode, and process everything in arrival order."""
-        loaded = load(list(paths), self.decoder)
+        return self.ingest(load(list(paths), self.decoder), progress)
+
+    def ingest(self, loaded: IngestResult, progress=None) -> RunResult:
+        """Process what a decoder produced (from files, or one batch of stream messages), in arrival order."""
         r = self.result
         r.accepted.update(loaded.accepted)
         r.rejected.update(loaded.rejected)
@@ -131,6 +139,23 @@ class Pipeline:
             progress(len(events), len(events))
         self.result.unmapped = self.mapper.unmapped_codes
         self._plan_tickets()
+
+    # --- checkpoints -------------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict:
+        """Everything learned from the feed; not the settings, nor the decoder (it holds the subject-key secret)."""
+        state = self.__dict__.copy()
+        del state["settings"], state["decoder"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def bind(self, settings: Settings) -> Pipeline:
+        """Attach the settings (and a decoder built from them) to a pipeline restored from a checkpoint."""
+        self.settings = settings
+        self.decoder = Decoder(SubjectKeyer(settings.subject_key), policy=settings.deid_policy)
+        return self
 
     # --- reference data ----------------------------------------------------------------------------------
 
@@ -220,13 +245,15 @@ class Pipeline:
         """
         pred = case.prediction
         run.cases[pred.resource_id] = case
+        self.result.unsaved[(pred.model_id, pred.resource_id)] = case
         if case.label is Label.CENSORED:
             return
         if case.label is Label.POSITIVE:
             self._signals(run.monitors[pred.model_version].observe(
                 "fnr", pred.site, self._cells(pred), float(not case.decision), pred.time, watermark))
         closes = pred.time + run.config.label_window + run.config.label_grace
-        heapq.heappush(run.closing, (closes, next(self._seq), case))
+        self._seq += 1
+        heapq.heappush(run.closing, (closes, self._seq, case))
 
     def _release_all(self, watermark: datetime) -> None:
         for run in self.result.models.values():
@@ -288,7 +315,11 @@ class Pipeline:
         self.result.rejected[reason_category(letter.reason)] += 1
 
     def _plan_tickets(self) -> None:
-        """Group each model version's alerts into root causes and classify them against the device's PCCP."""
+        """Group each model version's open alerts into root causes and classify them against the device's PCCP.
+
+        Planned afresh after every batch from all open alerts: a stored ticket is matched to its alerts when persisted.
+        """
+        self.result.tickets = []
         for model_id, run in sorted(self.result.models.items()):
             if run.pccp is None:
                 continue
