@@ -92,6 +92,8 @@ class Decoder:
             return self._dead_letter(resource, position, problem)
         handler = self._handlers.get(rtype)
         if handler is None:
+            if rtype == "OperationOutcome":
+                return _outcome_letter(resource, position)
             return None
         try:
             if rtype in PERSON_TYPES or "contained" in resource:
@@ -296,6 +298,9 @@ class Decoder:
             raise Rejected("missing subject")
         patient = reference_id(subject, "Patient")
         if patient is None:
+            if str(subject.get("reference", "")).startswith("urn:"):  # the uuid itself may be the patient's id
+                raise Rejected("invalid subject: unresolved urn: reference (no entry of its Bundle has that fullUrl;"
+                               " send the Patient in the same Bundle or reference Patient/<id>)")
             raise Rejected("invalid subject (must reference Patient/<id>)")
         return self.keyer.key("Patient/" + patient)
 
@@ -365,13 +370,39 @@ def _omb_category(extension: dict) -> str | None:
     return None
 
 
+def _not_a_type(rtype: str) -> str:
+    return f"invalid resourceType {rtype[:64]!r} (not a FHIR R4B resource)"
+
+
+def _outcome_letter(outcome: dict, position: Position) -> DeadLetter:
+    """An OperationOutcome in a feed (a bulk-data ``error`` file, a failed Bundle entry) is the server's report
+    that something could not be delivered: a dead letter with its issue codes. Free text (``diagnostics``,
+    ``details.text``) is left out of reason and payload alike, since it may quote patient data."""
+    issues = []
+    for issue in outcome.get("issue") or ():
+        if isinstance(issue, dict):
+            details = issue.get("details") if isinstance(issue.get("details"), dict) else {}
+            codings = [{"system": c.get("system"), "code": c.get("code")} for c in details.get("coding") or ()
+                       if isinstance(c, dict)]
+            issues.append({"severity": issue.get("severity"), "code": issue.get("code"),
+                           **({"details": {"coding": codings}} if codings else {}),
+                           **({"expression": issue["expression"]} if issue.get("expression") else {})})
+    rid = outcome.get("id") if isinstance(outcome.get("id"), str) else None
+    label = f"OperationOutcome/{rid}" if rid else "OperationOutcome (no id)"
+    codes = ", ".join(f"{i['severity']}/{i['code']}" for i in issues) or "no issues"
+    reason = (f"{label}: server error ({codes}; the server reported that it could not deliver some data — check "
+              "the export or search on the server side, then re-request it)")
+    payload = orjson.dumps({"resourceType": "OperationOutcome", "issue": issues}).decode()
+    return DeadLetter(position, reason, "OperationOutcome", rid, payload)
+
+
 def _validation_problem(resource: dict) -> str | None:
     """Full FHIR R4B validation (fhir.resources); the first error's location and message, or None."""
     rtype = resource.get("resourceType")
     try:
         model = get_fhir_model_class(rtype)
     except (ValueError, TypeError, KeyError):
-        return f"invalid resourceType {rtype!r} (not a FHIR R4B resource)"
+        return _not_a_type(rtype)
     try:
         model.model_validate(resource)
     except ValidationError as exc:

@@ -1,5 +1,9 @@
 """Containers → FHIR resources: NDJSON (plain or gzip), JSON resources, Bundles, and directories of them.
 
+A directory holding a bulk-data ``manifest.json`` is read as the ``$export`` result it is (HL7 Bulk Data Access IG,
+export.md "Response - Complete Status"): the files its ``output``, ``deleted`` and ``error`` entries name, in that
+order, each file taken for the ``type`` the manifest gives it, not for its name.
+
 Bad input never raises: every broken line, non-FHIR value or unreadable file becomes a ``DeadLetter`` that names
 where it was, and the run goes on with the rest (bulk-data IG: "validate each line separately").
 """
@@ -10,7 +14,9 @@ import gzip
 import logging
 import zlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import orjson
 
@@ -19,7 +25,12 @@ from vigil.domain import DeadLetter, Position
 log = logging.getLogger(__name__)
 
 NOT_FHIR = "not a FHIR resource (no resourceType)"
+OVERSIZED = "oversized message"
+MANIFEST = "manifest.json"
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+"""Default cap on one stream message or NDJSON line: a bigger one is dead-lettered unparsed (memory safety)."""
 _SUFFIXES = (".ndjson", ".ndjson.gz", ".json")
+_MANIFEST_SECTIONS = ("output", "deleted", "error")
 
 Item = tuple[Position, dict] | DeadLetter
 
@@ -29,8 +40,15 @@ def iter_resources(paths: Iterable[Path | str]) -> Iterator[Item]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            for file in _walk(path):
-                yield from _read_file(file, in_directory=True)
+            manifest = read_manifest(path)
+            if isinstance(manifest, DeadLetter):
+                yield manifest
+            elif manifest:  # an empty manifest (nothing exported) lists nothing: the directory is walked as before
+                for file in manifest:
+                    yield from _read_export_file(file)
+            else:
+                for file in _walk(path):
+                    yield from _read_file(file, in_directory=True)
         elif path.is_file():
             yield from _read_file(path, in_directory=False)
         else:
@@ -39,6 +57,87 @@ def iter_resources(paths: Iterable[Path | str]) -> Iterator[Item]:
 
 def _walk(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name.endswith(_SUFFIXES))
+
+
+@dataclass(frozen=True, slots=True)
+class ExportFile:
+    """One file a bulk-data manifest lists: ``section`` is output, deleted or error; ``type`` its resource type."""
+
+    path: Path
+    type: str
+    section: str
+    url: str
+
+
+def read_manifest(directory: Path) -> list[ExportFile] | DeadLetter | None:
+    """The files of the ``$export`` result in ``directory``, None without a manifest, a DeadLetter if it is broken.
+
+    A manifest ``url`` is matched to a file by its last path segment (clients save downloads under that name), or
+    taken as a path relative to the directory; a ``.gz`` copy of the file is found too. Other files in the
+    directory are not read (a client's log, a stale download).
+    """
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return None
+    where = Position(str(manifest_path))
+    try:
+        manifest = orjson.loads(manifest_path.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        return DeadLetter(where, f"unreadable bulk-data manifest: {exc} (re-download the export's manifest)")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("output"), list):
+        return DeadLetter(where, "invalid bulk-data manifest: no output[] list (is this a $export manifest?)")
+    files = []
+    for section in _MANIFEST_SECTIONS:
+        for entry in manifest.get(section) or ():
+            url = entry.get("url") if isinstance(entry, dict) else None
+            if not isinstance(url, str):
+                continue
+            files.append(ExportFile(_local_file(directory, url), str(entry.get("type") or ""), section, url))
+    return files
+
+
+def _local_file(directory: Path, url: str) -> Path:
+    parts = urlsplit(url)
+    relative = unquote(parts.path if parts.scheme in ("", "file") else parts.path.rsplit("/", 1)[-1])
+    for candidate in (directory / relative.lstrip("/"), directory / Path(relative).name):
+        for path in (candidate, candidate.with_name(candidate.name + ".gz")):
+            if path.is_file():
+                return path
+    return directory / Path(relative).name
+
+
+def _read_export_file(file: ExportFile) -> Iterator[Item]:
+    if not file.path.is_file():
+        yield DeadLetter(Position(str(file.path)), f"file not found: the manifest lists {file.url} ({file.section}, "
+                                                   f"{file.type or 'no type'}) but {file.path} is missing; "
+                                                   "re-download it")
+        return
+    yield from _read_file(file.path, in_directory=True)
+
+
+def iter_lines(path: Path, max_bytes: int = MAX_MESSAGE_BYTES) -> Iterator[tuple[Position, bytes] | DeadLetter]:
+    """The non-blank lines of an NDJSON file (gzip by name or by content), with their 1-based line numbers.
+
+    Raises OSError/EOFError/zlib.error for an unreadable file, as ``open`` does; a line over ``max_bytes`` is a
+    DeadLetter. The file is streamed, never read whole (bulk-data IG: files can be gigabytes).
+    """
+    source = str(path)
+    with open(path, "rb") as raw:
+        packed = raw.read(2) == b"\x1f\x8b"
+    opener = gzip.open if packed or path.name.endswith(".gz") else open
+    with opener(path, "rb") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line or line.isspace():
+                continue
+            if len(line) > max_bytes:
+                yield oversized(Position(source, number), len(line), max_bytes)
+                continue
+            yield Position(source, number), line
+
+
+def oversized(position: Position, size: int, max_bytes: int) -> DeadLetter:
+    return DeadLetter(position, f"{OVERSIZED}: {size:,} bytes over the limit of {max_bytes:,} (not parsed; split the "
+                                "Bundle at the sender or raise max_message_bytes)")
 
 
 def _read_file(path: Path, in_directory: bool) -> Iterator[Item]:
@@ -52,23 +151,24 @@ def _read_file(path: Path, in_directory: bool) -> Iterator[Item]:
 
 
 def _read_ndjson(path: Path) -> Iterator[Item]:
-    source = str(path)
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as lines:
-        for number, line in enumerate(lines, 1):
-            if line.isspace() or not line:
-                continue
-            yield _parse_line(line, Position(source, number))
-
-
-def _parse_line(line: bytes, position: Position) -> Item:
-    try:
-        value = orjson.loads(line)
-    except orjson.JSONDecodeError as exc:
-        return DeadLetter(position, f"invalid JSON: {exc.msg} at column {exc.pos + 1}")
-    if _is_resource(value):
-        return position, value
-    return DeadLetter(position, NOT_FHIR)
+    """Each line a resource; a Bundle line is read as its entries (all at the line's position), as a stream message
+    is (``iter_message``), so a file and a feed of the same lines decode alike. Inlined parse: the hot path."""
+    loads, decode_error = orjson.loads, orjson.JSONDecodeError
+    for item in iter_lines(path):
+        if item.__class__ is DeadLetter:
+            yield item  # type: ignore[misc]
+            continue
+        position, line = item  # type: ignore[misc]
+        try:
+            value = loads(line)
+        except decode_error as exc:
+            yield DeadLetter(position, f"invalid JSON: {exc.msg} at column {exc.pos + 1}")
+            continue
+        rtype = value.get("resourceType") if value.__class__ is dict else None
+        if rtype.__class__ is str and rtype != "Bundle":
+            yield position, value
+        else:
+            yield from _resources_in(value, position, entry_lines=False)
 
 
 def _read_json(path: Path, in_directory: bool) -> Iterator[Item]:
@@ -84,8 +184,14 @@ def _read_json(path: Path, in_directory: bool) -> Iterator[Item]:
     yield from _resources_in(value, Position(source), entry_lines=True)
 
 
-def iter_message(payload: bytes, position: Position) -> Iterator[Item]:
-    """The resources in one message from a stream (a Kafka record, a webhook body): a resource or a Bundle."""
+def iter_message(payload: bytes, position: Position, max_bytes: int = MAX_MESSAGE_BYTES) -> Iterator[Item]:
+    """The resources in one message from a stream (a Kafka record, a webhook body): a resource or a Bundle.
+
+    A message over ``max_bytes`` is dead-lettered without being parsed, so one huge record cannot exhaust memory.
+    """
+    if len(payload) > max_bytes:
+        yield oversized(position, len(payload), max_bytes)
+        return
     try:
         value = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:

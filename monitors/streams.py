@@ -61,6 +61,7 @@ class DayPoint:
     total_sq: float = 0.0
     statistic: float | None = None
     threshold: float | None = None
+    stored: bool = False  # False once changed since the store last wrote it
 
 
 @dataclass(slots=True)
@@ -232,6 +233,7 @@ class StreamMonitor:
             point.total += x
             point.total_sq += x * x
             point.statistic, point.threshold = d.statistic, d.threshold
+            point.stored = False
             if alarm:
                 signals.append(self._signal(s, watermark))
                 d.reset()

@@ -70,7 +70,7 @@ class FeedSource:
 def feed(tmp_path_factory) -> list[bytes]:
     """The scanner-upgrade scenario as one stream in arrival order, plus two poison messages in the middle."""
     out = tmp_path_factory.mktemp("feed")
-    simulate("scanner-upgrade", out, seed=5, days=120, change_day=50, volume=0.6)
+    simulate("scanner-upgrade", out, seed=5, days=110, change_day=50, volume=0.5)
     resources = [orjson.loads(line) for path in sorted(out.glob("*.ndjson")) for line in path.read_bytes().splitlines()]
     resources.sort(key=lambda r: (r.get("meta", {}).get("lastUpdated", ""), r["resourceType"] == "RiskAssessment"))
     payloads = [orjson.dumps(r) for r in resources]

@@ -7,57 +7,28 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
-import orjson
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from sqlalchemy import select
 
 from vigil import audit
+from vigil.cli_common import JsonOpt, StoreOpt, console, err, existing_store, print_json, store_url
 from vigil.settings import DEFAULT_CONFIG, Settings, load_settings
-from vigil.store import AlertRow, TicketRow, session_factory, upgrade
+from vigil.store import session_factory, upgrade
 
 app = typer.Typer(help="vigil: post-market performance monitoring for AI medical devices.", no_args_is_help=True)
-alerts_app = typer.Typer(help="Drift alerts: list, show, acknowledge, resolve.", no_args_is_help=True)
-tickets_app = typer.Typer(help="Retraining tickets and their PCCP category.", no_args_is_help=True)
 audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
 dashboards_app = typer.Typer(help="Grafana dashboards built from code.", no_args_is_help=True)
 db_app = typer.Typer(help="The store's schema.", no_args_is_help=True)
-app.add_typer(alerts_app, name="alerts")
-app.add_typer(tickets_app, name="tickets")
 app.add_typer(audit_app, name="audit")
 app.add_typer(dashboards_app, name="dashboards")
 app.add_typer(db_app, name="db")
 
-console = Console()
-err = Console(stderr=True)
-
-StoreOpt = Annotated[str | None, typer.Option("--store", envvar="VIGIL_STORE_URL",
-                                              help="Store URL (default sqlite:///vigil.db in the working directory).")]
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Config YAML (default: the embedded example).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
 def _settings(config: Path = DEFAULT_CONFIG, store: str | None = None) -> Settings:
     return load_settings(config, store_url=store)
-
-
-def _store_url(store: str | None) -> str:
-    return store or Settings.model_fields["store_url"].default
-
-
-def _existing_store(store: str | None) -> str:
-    """The store URL for a command that reads it; a missing SQLite file is an error, not a new empty store."""
-    url = _store_url(store)
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
-        raise typer.BadParameter(f"no vigil store at {url}: run `vigil ingest` (or `vigil demo`) first, or pass "
-                                 "--store / VIGIL_STORE_URL", param_hint="--store")
-    return url
-
-
-def _print_json(obj) -> None:
-    sys.stdout.write(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS).decode() + "\n")
 
 
 # --- demo, simulate, ingest, run ---------------------------------------------------------------------------
@@ -89,7 +60,7 @@ def demo(
             raise typer.BadParameter(str(exc), param_hint="--scenario") from None
     written = write_dashboards(out / "dashboards")
     if json:
-        _print_json(summary)
+        print_json(summary)
         return
     _show_demo(summary)
     console.print(f"\nWrote [bold]{out / 'summary.json'}[/], {len(written)} Grafana dashboards in {out / 'dashboards'}, "
@@ -144,7 +115,7 @@ def simulate(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--scenario") from None
     if json:
-        _print_json(truth.to_dict())
+        print_json(truth.to_dict())
     else:
         console.print(f"Wrote the [bold]{scenario}[/] feed to {out} ({len(truth.changes)} injected change(s)).")
 
@@ -173,7 +144,7 @@ def _run_pipeline(paths: list[Path], settings: Settings, json: bool) -> None:
         "dead_letters": [{"position": str(d.position), "reason": d.reason} for d in result.dead_letters[:50]],
     }
     if json:
-        _print_json(report)
+        print_json(report)
         _fail_on_missing_inputs(result)
         return
     table = Table(title=f"Ingested into {settings.store_url}")
@@ -235,170 +206,15 @@ def run(
 # --- alerts and tickets ------------------------------------------------------------------------------------
 
 
-def _alert_dict(a: AlertRow) -> dict:
-    return {c.key: (v.isoformat() if isinstance(v := getattr(a, c.key), datetime) else v)
-            for c in AlertRow.__table__.columns}
-
-
-def _ticket_dict(t: TicketRow, full: bool = False) -> dict:
-    d = {c.key: (v.isoformat() if isinstance(v := getattr(t, c.key), datetime) else v)
-         for c in TicketRow.__table__.columns if full or c.key not in ("rationale", "required_actions", "evidence")}
-    d["alert_ids"] = [a.id for a in t.alerts]
-    return d
-
-
-def _get(session, row_cls, row_id: str, url: str):
-    """The alert or ticket with this id, or a clear error naming the store."""
-    row = session.get(row_cls, row_id)
-    if row is None:
-        kind = row_cls.__tablename__.rstrip("s")
-        raise typer.BadParameter(f"no {kind} {row_id} in {url} (list them with `vigil {kind}s list`)",
-                                 param_hint=f"{kind.upper()}_ID")
-    return row
-
-
-@alerts_app.command("list")
-def alerts_list(
-    store: StoreOpt = None,
-    state: Annotated[str | None, typer.Option(help="firing | acknowledged | resolved | silenced")] = None,
-    model: str | None = None,
-    site: str | None = None,
-    json: JsonOpt = False,
-) -> None:
-    """List alerts, newest first."""
-    url = _existing_store(store)
-    upgrade(url)
-    with session_factory(url)() as s:
-        q = select(AlertRow).order_by(AlertRow.detected_at.desc(), AlertRow.id)
-        for col, val in (("state", state), ("model", model), ("site", site)):
-            if val:
-                q = q.where(getattr(AlertRow, col) == val)
-        rows = s.scalars(q).all()
-    if json:
-        _print_json([_alert_dict(a) for a in rows])
-        return
-    table = Table(title=f"{len(rows)} alerts")
-    for col in ("id", "state", "severity", "model", "metric", "site", "subgroup", "detected", "since", "baseline",
-                "current (95% CI)", "ticket"):
-        table.add_column(col)
-    for a in rows:
-        table.add_row(a.id, a.state, a.severity, f"{a.model}@{a.model_version}", a.metric, a.site, a.subgroup,
-                      a.detected_at.date().isoformat(), a.change_estimate.date().isoformat(), f"{a.baseline:.3f}",
-                      f"{a.current:.3f} ({a.ci_low:.3f}-{a.ci_high:.3f})", a.ticket_id or "-")
-    console.print(table)
-
-
-@alerts_app.command("show")
-def alerts_show(alert_id: str, store: StoreOpt = None, json: JsonOpt = False) -> None:
-    """Everything about one alert: what, where, since when, how much, and its lifecycle."""
-    url = _existing_store(store)
-    with session_factory(url)() as s:
-        d = _alert_dict(_get(s, AlertRow, alert_id, url))
-    if json:
-        _print_json(d)
-        return
-    for k, v in d.items():
-        console.print(f"[bold]{k:>16}[/] {v}")
-
-
-def _transition(alert_id: str, store: str | None, by: str, comment: str | None, to: str) -> None:
-    url = _existing_store(store)
-    allowed = {"acknowledged": ("firing",), "resolved": ("firing", "acknowledged", "silenced")}[to]
-    with session_factory(url)() as s, s.begin():
-        a = _get(s, AlertRow, alert_id, url)
-        if a.state not in allowed:
-            raise typer.BadParameter(f"alert {alert_id} is {a.state}; it can become {to} only from "
-                                     f"{' or '.join(allowed)}", param_hint="ALERT_ID")
-        now = datetime.now(UTC)
-        if to == "acknowledged":
-            a.acked_by, a.acked_at, a.ack_comment = by, now, comment
-        else:
-            a.resolved_by, a.resolved_at = by, now
-        previous, a.state = a.state, to
-        audit.record(s, by, f"alert.{to}", "alert", alert_id, {"from": previous, "comment": comment})
-    console.print(f"{alert_id}: {previous} → {to} by {by}")
-
-
-@alerts_app.command("ack")
-def alerts_ack(alert_id: str, by: Annotated[str, typer.Option(help="Who acknowledges (recorded in the audit log).")],
-               comment: str | None = None, store: StoreOpt = None) -> None:
-    """Acknowledge a firing alert."""
-    _transition(alert_id, store, by, comment, "acknowledged")
-
-
-@alerts_app.command("resolve")
-def alerts_resolve(alert_id: str, by: Annotated[str, typer.Option(help="Who resolves (recorded in the audit log).")],
-                   comment: str | None = None, store: StoreOpt = None) -> None:
-    """Resolve an alert."""
-    _transition(alert_id, store, by, comment, "resolved")
-
-
-@tickets_app.command("list")
-def tickets_list(store: StoreOpt = None, json: JsonOpt = False) -> None:
-    """List retraining tickets with their PCCP category."""
-    url = _existing_store(store)
-    upgrade(url)
-    with session_factory(url)() as s:
-        rows = s.scalars(select(TicketRow).order_by(TicketRow.id)).all()
-        data = [_ticket_dict(t) for t in rows]
-    if json:
-        _print_json(data)
-        return
-    table = Table(title=f"{len(data)} tickets")
-    for col in ("id", "status", "model", "category", "U", "cause", "confidence", "remedy", "PCCP mod", "alerts"):
-        table.add_column(col)
-    for t in data:
-        table.add_row(t["id"], t["status"], f"{t['model']}@{t['model_version']}", t["category"],
-                      "U" if t["safety_overlay"] else "", t["cause"], f"{t['cause_confidence']:.2f}", t["remedy"],
-                      t["matched_mod"] or "-", ", ".join(t["alert_ids"]))
-    console.print(table)
-
-
-@tickets_app.command("show")
-def tickets_show(ticket_id: str, store: StoreOpt = None, json: JsonOpt = False) -> None:
-    """One ticket: category, the rule trace with citations, required actions and evidence."""
-    url = _existing_store(store)
-    with session_factory(url)() as s:
-        d = _ticket_dict(_get(s, TicketRow, ticket_id, url), full=True)
-    if json:
-        _print_json(d)
-        return
-    console.print(f"[bold]{d['id']}[/] {d['model']}@{d['model_version']}  category [bold]{d['category']}[/]"
-                  f"{'  + U (urgent safety overlay)' if d['safety_overlay'] else ''}  status {d['status']}")
-    console.print(f"cause {d['cause']} (confidence {d['cause_confidence']:.2f}); remedy {d['remedy']}; "
-                  f"PCCP modification {d['matched_mod'] or '-'}; alerts {', '.join(d['alert_ids'])}")
-    rules = Table(title="Rule trace")
-    for col in ("rule", "finding", "citation"):
-        rules.add_column(col)
-    for row in d["rationale"]:
-        rules.add_row(*[str(x) for x in row])
-    console.print(rules)
-    for action in d["required_actions"]:
-        console.print(f"  • {action}")
-
-
-@tickets_app.command("export")
-def tickets_export(out: Annotated[Path, typer.Option(help="JSON file to write.")], store: StoreOpt = None) -> None:
-    """Export every ticket with its full evidence, for Regulatory Affairs or an inspector."""
-    url = _existing_store(store)
-    with session_factory(url)() as s:
-        data = [_ticket_dict(t, full=True) for t in s.scalars(select(TicketRow).order_by(TicketRow.id))]
-    out.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
-    console.print(f"Wrote {len(data)} tickets to {out}")
-
-
-# --- audit, dashboards, db -------------------------------------------------------------------------------
-
-
 @audit_app.command("verify")
 def audit_verify(store: StoreOpt = None, json: JsonOpt = False) -> None:
     """Check the hash chain; name the first record that was edited, removed or reordered."""
-    url = _existing_store(store)
+    url = existing_store(store)
     upgrade(url)
     with session_factory(url)() as s:
         result = audit.verify(s)
     if json:
-        _print_json({"ok": result.ok, "checked": result.checked, "first_bad_seq": result.first_bad_seq,
+        print_json({"ok": result.ok, "checked": result.checked, "first_bad_seq": result.first_bad_seq,
                      "reason": result.reason, "head_hash": result.head_hash})
     elif result.ok:
         console.print(f"[green]audit log intact[/]: {result.checked} records verified; head {result.head_hash} "
@@ -420,15 +236,22 @@ def dashboards_build(out: Annotated[Path, typer.Option(help="Directory for the d
 @db_app.command("upgrade")
 def db_upgrade(store: StoreOpt = None) -> None:
     """Create or migrate the store's schema (Alembic)."""
-    url = _store_url(store)
+    url = store_url(store)
     upgrade(url)
     console.print(f"{url} is at the latest schema")
 
 
-def _mount_calibrate() -> None:
+def _mount_subcommands() -> None:
+    """Sub-apps live in their own modules (they import ``vigil.cli_common``, not this module)."""
+    from vigil.cli_alerts import alerts_app
     from vigil.cli_calibrate import calibrate_app
+    from vigil.cli_serve import mount as mount_serve
+    from vigil.cli_tickets import tickets_app
 
+    app.add_typer(alerts_app, name="alerts")
+    app.add_typer(tickets_app, name="tickets")
     app.add_typer(calibrate_app, name="calibrate", help="Thresholds from a target ARL0, and ARLs, computed exactly.")
+    mount_serve(app)
 
 
-_mount_calibrate()
+_mount_subcommands()

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from monitors import calibrate
+from vigil.cli_common import JsonOpt
 
 calibrate_app = typer.Typer(help="Detector thresholds from a target ARL0, and exact ARLs of a design.",
                             no_args_is_help=True)
@@ -50,7 +51,6 @@ P0Opt = Annotated[float | None, typer.Option("--p0", help="bernoulli: in-control
 P1Opt = Annotated[float | None, typer.Option("--p1", help="bernoulli: the out-of-control rate to detect.")]
 RaOpt = Annotated[float | None, typer.Option("--ra", help="racusum: odds ratio to detect (2: under-prediction).")]
 RisksOpt = Annotated[Path | None, typer.Option("--risks", help="racusum: text/CSV file of predicted risks, one per line.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,7 +40,7 @@ def persist(result: RunResult, settings: Settings, inputs: list[str], started_at
     engine = engine_for(settings.store_url)
     try:
         with Session(engine, expire_on_commit=False) as session, session.begin():
-            ids = store_results(session, result)
+            ids = store_results(session, result, incremental=False)
             record_run(session, RunRow(started_at=started_at, config_hash=settings.config_hash(),
                                        code_version=__version__, inputs=inputs), result)
     finally:
@@ -48,14 +48,18 @@ def persist(result: RunResult, settings: Settings, inputs: list[str], started_at
     return ids
 
 
-def store_results(session: Session, result: RunResult) -> dict[str, str]:
-    """Write what the pipeline produced since the last store, in the caller's transaction; after it commits, call
-    ``result.mark_stored()``. Returns provisional alert and ticket keys → stored ids."""
+def store_results(session: Session, result: RunResult, incremental: bool = True) -> dict[str, str]:
+    """Write the pipeline's results in the caller's transaction; returns provisional alert/ticket keys → stored ids.
+
+    ``incremental`` (the service): only what changed since the last call is written, and the result remembers what
+    it stored — call ``result.mark_stored()`` once the transaction commits. Otherwise (one-shot runs) everything is
+    written and nothing is remembered, so the same result can be stored into several stores.
+    """
     _cases(session, result)
-    _streams(session, result)
+    _streams(session, result, incremental)
     if result.dead_letters:
         session.execute(insert(DeadLetterRow), [_row(DeadLetterRow.from_dead_letter(d)) for d in result.dead_letters])
-    ids = _alerts(session, result)
+    ids = _alerts(session, result, incremental)
     ids.update(_tickets(session, result, ids))
     return ids
 
@@ -113,17 +117,27 @@ _RELABEL_COLUMNS = ("label", "labeled_at", "outcome_definition", "evidence", "pr
                     "decision")
 
 
-def _streams(session, result: RunResult) -> None:
-    """Replace the checkpoints and daily points of every stream this run computed."""
+def _streams(session, result: RunResult, incremental: bool) -> None:
+    """Replace every stream's state row, and its daily points from the earliest day that changed since last stored.
+
+    Late labels change recent days only (within the label window), so a service storing every few seconds rewrites
+    a bounded tail, not the whole history.
+    """
     for monitor in result.monitors():
-        for table in (StreamStateRow, MetricPointRow):
-            session.execute(delete(table).where(table.model == monitor.model.id, table.model_version == monitor.version))
-        states, points = [], []
-        for s in monitor.streams.values():
-            states.append(_state_row(s))
-            points.extend(_point_rows(s))
+        model, version = monitor.model.id, monitor.version
+        session.execute(delete(StreamStateRow).where(StreamStateRow.model == model,
+                                                     StreamStateRow.model_version == version))
+        states = [_state_row(s) for s in monitor.streams.values()]
         if states:
             session.execute(insert(StreamStateRow), states)
+        days = [p.day for s in monitor.streams.values() for p in s.points.values() if not (incremental and p.stored)]
+        if not days:
+            continue
+        since = min(days)
+        session.execute(delete(MetricPointRow).where(MetricPointRow.model == model,
+                                                     MetricPointRow.model_version == version,
+                                                     MetricPointRow.period_start >= since))
+        points = [row for s in monitor.streams.values() for row in _point_rows(s, since, incremental)]
         if points:
             session.execute(insert(MetricPointRow), points)
 
@@ -140,16 +154,19 @@ def _state_row(s: Stream) -> dict:
             "statistic": d.statistic if d else None, "state": d.state() if d else {}}
 
 
-def _point_rows(s: Stream) -> list[dict]:
+def _point_rows(s: Stream, since: datetime, mark: bool) -> list[dict]:
     rows = []
     for day, p in sorted(s.points.items()):
+        if day < since:
+            continue
         lo, hi = interval(s.key.metric, p.total, p.total_sq, p.n)
         rows.append({**_key(s), "period_start": day, "n": p.n, "value": p.total / p.n, "ci_low": lo, "ci_high": hi,
                      "statistic": p.statistic, "threshold": p.threshold})
+        p.stored = p.stored or mark
     return rows
 
 
-def _alerts(session, result: RunResult) -> dict[str, str]:
+def _alerts(session, result: RunResult, incremental: bool) -> dict[str, str]:
     """Insert new alerts and apply re-fires to the stored ones; unchanged alerts are not touched.
 
     An alert already stored by this process (``book.stored``) gets only the firings since; if a safety officer resolved
@@ -159,7 +176,7 @@ def _alerts(session, result: RunResult) -> dict[str, str]:
     book = result.alerts
     ids: dict[str, str] = {}
     for alert in book.alerts:
-        stored_id, stored_fires = book.stored.get(alert.id, (None, 0))
+        stored_id, stored_fires = book.stored.get(alert.id, (None, 0)) if incremental else (None, 0)
         if stored_id is not None and alert.fire_count == stored_fires:
             ids[alert.id] = stored_id
             continue
@@ -168,7 +185,8 @@ def _alerts(session, result: RunResult) -> dict[str, str]:
             ids[alert.id] = existing.id
             newest = alert.last_fired_at or alert.signal.detected_at
             if stored_id is None and newest <= existing.last_fired_at:
-                book.stored[alert.id] = (existing.id, alert.fire_count)
+                if incremental:
+                    book.stored[alert.id] = (existing.id, alert.fire_count)
                 continue  # this firing is already stored (the same feed stored again)
             _refire(session, existing, alert, alert.fire_count - stored_fires if stored_id else alert.fire_count)
         else:
@@ -179,7 +197,8 @@ def _alerts(session, result: RunResult) -> dict[str, str]:
             session.flush()
             ids[alert.id] = row.id
             audit.record(session, ACTOR, "alert.fired", "alert", row.id, _alert_payload(row))
-        book.stored[alert.id] = (ids[alert.id], alert.fire_count)
+        if incremental:
+            book.stored[alert.id] = (ids[alert.id], alert.fire_count)
     return ids
 
 
