@@ -180,3 +180,31 @@ def test_each_process_records_one_run_with_its_counts(feed, tmp_path):
     assert len(runs) == 1 and runs[0].finished_at is not None
     assert sum(runs[0].counts["accepted"].values()) + sum(runs[0].counts["rejected"].values()) \
         + sum(runs[0].counts["ignored"].values()) >= 5990
+
+
+def test_vigil_run_consumes_a_configured_export_directory_and_a_restart_reads_nothing_twice(tmp_path, monkeypatch):
+    """`vigil run --once` with a bulk-directory source (the Synthea export, real third-party FHIR) goes through the
+    service loop: a second run resumes from the stored cursor and reads nothing again."""
+    from typer.testing import CliRunner
+
+    from vigil.cli import app
+
+    synthea = Path(__file__).resolve().parents[2] / "shared" / "data" / "synthea-bulk-10"
+    monkeypatch.setenv("VIGIL_SOURCES", orjson.dumps([{"kind": "bulk-directory", "name": "synthea",
+                                                       "path": str(synthea)}]).decode())
+    store = f"sqlite:///{tmp_path / 'vigil.db'}"
+    first = CliRunner().invoke(app, ["run", "--once", "--json", "--store", store])
+    assert first.exit_code == 0, first.output
+    report = orjson.loads(first.stdout)
+    assert report["messages"] > 7000 and report["restored"].startswith("no checkpoint")
+    again = orjson.loads(CliRunner().invoke(app, ["run", "--once", "--json", "--store", store]).stdout)
+    assert again["messages"] == 0 and again["restored"].startswith("restored checkpoint")
+    factory = session_factory(store)
+    with factory() as s:
+        letters = s.scalars(select(DeadLetterRow.reason)).all()
+        runs = s.scalars(select(RunRow)).all()
+    factory.kw["bind"].dispose()
+    assert any("log" in r or "resourceType" in r for r in letters)  # log.ndjson is not FHIR
+    counts = runs[0].counts
+    assert len(runs) == 2 and sum(counts["accepted"].values()) + sum(counts["ignored"].values()) > 7000
+    assert counts["accepted"]["Patient"] == 13 and runs[1].counts == counts  # the restart added nothing

@@ -5,7 +5,7 @@ kept for outcome rules, the day's partial metric points, open alerts. All of it 
 the checkpoint is that object, serialised (pickle) without its settings and without the subject-key secret.
 
 Three guards, because a checkpoint is only worth restoring if it is exactly what this code wrote for this config:
-- ``code_version`` and ``config_hash`` must match, else the checkpoint is ignored and the service replays its sources
+- ``code_version`` and the analysis config hash (``Settings.analysis_hash``) must match, else the checkpoint is ignored and the service replays its sources
   from the start (a new model, threshold or code version must be applied to the whole feed, not to its tail);
 - ``signature`` is an HMAC-SHA256 of the blob under the subject key, so a blob written by anyone without that key is
   refused before it is unpickled (unpickling runs code);
@@ -51,7 +51,7 @@ def save(session: Session, pipeline: Pipeline, settings: Settings, name: str = D
     if row is None:
         row = CheckpointRow(name=name)
         session.add(row)
-    row.code_version, row.config_hash = __version__, settings.config_hash()
+    row.code_version, row.config_hash = __version__, settings.analysis_hash()
     row.state, row.signature = blob, _sign(blob, settings)
     return len(blob)
 
@@ -60,10 +60,10 @@ def restore(session: Session, settings: Settings, name: str = DEFAULT_NAME) -> R
     row = session.scalar(select(CheckpointRow).where(CheckpointRow.name == name))
     if row is None:
         return Restored(None, "no checkpoint: starting from the beginning of the sources")
-    if row.code_version != __version__ or row.config_hash != settings.config_hash():
+    if row.code_version != __version__ or row.config_hash != settings.analysis_hash():
         return Restored(None, f"checkpoint '{name}' was written by vigil {row.code_version} with config "
                               f"{row.config_hash[:12]}; this is vigil {__version__} with config "
-                              f"{settings.config_hash()[:12]}: replaying the sources from the start")
+                              f"{settings.analysis_hash()[:12]}: replaying the sources from the start")
     if not hmac.compare_digest(row.signature, _sign(row.state, settings)):
         raise ValueError(f"checkpoint '{name}' in the store has a bad signature: it was not written by this vigil "
                          "with this subject key. Refusing to load it; if the key was rotated on purpose, delete the "

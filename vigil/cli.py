@@ -124,9 +124,7 @@ def _run_pipeline(paths: list[Path], settings: Settings, json: bool) -> None:
     from vigil.persist import persist
     from vigil.pipeline import Pipeline
 
-    if settings.subject_key == Settings.model_fields["subject_key"].default:
-        err.print("[yellow]warning[/]: subjects are keyed with the public demo key; set VIGIL_SUBJECT_KEY to a secret "
-                  "before ingesting real data, or the pseudonyms can be reversed")
+    _warn_demo_key(settings)
     started = datetime.now(UTC)
     pipeline = Pipeline(settings)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -165,6 +163,12 @@ def _run_pipeline(paths: list[Path], settings: Settings, json: bool) -> None:
     _fail_on_missing_inputs(result)
 
 
+def _warn_demo_key(settings: Settings) -> None:
+    if settings.subject_key == Settings.model_fields["subject_key"].default:
+        err.print("[yellow]warning[/]: subjects are keyed with the public demo key; set VIGIL_SUBJECT_KEY to a secret "
+                  "before ingesting real data, or the pseudonyms can be reversed")
+
+
 def _fail_on_missing_inputs(result) -> None:
     """The other inputs were stored; a path that does not exist still makes the command fail, for scripts."""
     if result.rejected.get("file not found"):
@@ -187,20 +191,51 @@ def ingest(
 def run(
     config: ConfigOpt = DEFAULT_CONFIG,
     store: StoreOpt = None,
-    once: Annotated[bool, typer.Option("--once", help="Consume the configured sources until exhausted, then stop.")
+    once: Annotated[bool, typer.Option("--once", help="Stop when every source is exhausted (files: after reading).")
                     ] = False,
+    commit_every: Annotated[float, typer.Option(help="Seconds between stores of results, offsets and state.")] = 5.0,
     json: JsonOpt = False,
 ) -> None:
-    """The service: consume the configured sources. File sources are read once (`--once`)."""
+    """The service: consume the configured sources until stopped (Ctrl-C), storing results, offsets and the pipeline
+    state in one transaction, so a restart resumes exactly where the store ends. File sources are read once."""
+    from vigil.feeds import stream_sources
+    from vigil.service import Service
+
     settings = _settings(config, store)
-    paths = [p for src in settings.sources for p in src.paths]
-    if not paths:
-        raise typer.BadParameter(f"no source paths configured in {config} (sources: [{{kind: files, paths: [...]}}])",
-                                 param_hint="--config")
-    if not once:
-        raise typer.BadParameter("only file sources exist so far, and they are finite: pass --once",
-                                 param_hint="--once")
-    _run_pipeline(paths, settings, json)
+    paths = [p for src in settings.sources if src.kind == "files" for p in src.paths]
+    streams = [src for src in settings.sources if src.kind != "files"]
+    if not settings.sources:
+        raise typer.BadParameter(f"no sources configured in {config} (sources: [{{kind: files, paths: [...]}}], "
+                                 "or kafka / fhir-rest / fhir-bulk-export / bulk-directory)", param_hint="--config")
+    if paths and streams:
+        raise typer.BadParameter("file sources are read whole and sorted, stream sources consumed as they come: "
+                                 "configure one or the other per `vigil run`", param_hint="--config")
+    if paths:
+        _run_pipeline(paths, settings, json)
+        return
+    _warn_demo_key(settings)
+    factory = session_factory(settings.store_url)
+    sources = stream_sources(settings, factory)
+    if not sources:
+        raise typer.BadParameter("only fhir-subscription sources are configured: they receive data through "
+                                 "`vigil serve`", param_hint="--config")
+    service = Service(settings, sources, commit_every=commit_every)
+    if not json:
+        err.print(f"vigil run: consuming {', '.join(s.name for s in sources)} into {settings.store_url} "
+                  "(Ctrl-C stops after storing what was read)")
+    try:
+        report = service.run(once=once)
+    except KeyboardInterrupt:  # the final commit did not run; the last stored transaction is where a restart resumes
+        err.print("[yellow]stopped[/]: a restart resumes after the last stored batch")
+        raise typer.Exit(130) from None
+    finally:
+        factory.kw["bind"].dispose()
+    summary = {"restored": report.restored, "messages": report.messages, "commits": report.commits,
+               "checkpoint_bytes": report.checkpoint_bytes, "run_id": report.run_id}
+    if json:
+        print_json(summary)
+    else:
+        console.print(f"{report.messages} messages in {report.commits} commits; {report.restored}")
 
 
 # --- alerts and tickets ------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ only (``vigil.auth``), and `tokens list` shows names, roles and dates — never 
 from __future__ import annotations
 
 import getpass
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -14,6 +15,7 @@ from rich.table import Table
 
 from vigil import auth
 from vigil.cli_common import JsonOpt, StoreOpt, console, err, existing_store, print_json, store_url
+from vigil.settings import DEFAULT_CONFIG, load_settings
 from vigil.store import ROLES, session_factory, upgrade
 
 tokens_app = typer.Typer(help="Bearer tokens for the REST API (shown once; stored hashed).", no_args_is_help=True)
@@ -33,18 +35,32 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on (loopback by default; put TLS in front).")
                     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    config: Annotated[Path, typer.Option("--config", "-c", help="Config YAML (routing of notifications).")
+                      ] = DEFAULT_CONFIG,
     store: StoreOpt = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
-    """Serve the REST API (OpenAPI docs at /docs): alerts, tickets, audit verify; bearer tokens with roles."""
+    """Serve the REST API (OpenAPI docs at /docs): alerts, tickets, audit verify; bearer tokens with roles. With
+    receivers configured under ``routing:``, also delivers the notification outbox (retries, escalation)."""
     import uvicorn
 
+    from vigil import notify
     from vigil.api import create_app
 
-    url = store_url(store)
+    settings = load_settings(config, store_url=store)
+    url = settings.store_url
     upgrade(url)
-    console.print(f"vigil API on http://{host}:{port} (docs at /docs), store {url}")
-    uvicorn.run(create_app(url), host=host, port=port, log_level=log_level)
+    scheduler = None
+    if settings.routing.receivers:
+        notify.notify_on_transitions(settings.routing)
+        scheduler = notify.start_scheduler(session_factory(url), settings.routing)
+    console.print(f"vigil API on http://{host}:{port} (docs at /docs), store {url}"
+                  + (f", notifying {len(settings.routing.receivers)} receivers" if scheduler else ""))
+    try:
+        uvicorn.run(create_app(url), host=host, port=port, log_level=log_level)
+    finally:
+        if scheduler is not None:
+            scheduler.shutdown()
 
 
 @tokens_app.command("create")

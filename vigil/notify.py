@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, aliased, sessionmaker
 from alerts.content import AlertFacts, render
 from alerts.notifiers import NotificationError, Notifier, notifier_for
 from alerts.routing import RoutingConfig
-from vigil import audit
+from vigil import alert_actions, audit
 from vigil.domain import AlertState
 from vigil.store import AlertRow, OutboxRow, utcnow
 
@@ -121,6 +121,16 @@ def enqueue(session: Session, alert_row: AlertRow, event: str, routing: RoutingC
         if session.execute(statement).first() is not None:  # no row back: this notification was already queued
             queued.append(name)
     return queued
+
+
+def notify_on_transitions(routing: RoutingConfig) -> Callable[[], None]:
+    """Queue the acknowledged/resolved notifications of every alert transition made through the API or CLI, in the
+    transition's own transaction. Returns the function that stops it."""
+    def listener(session: Session, transition: alert_actions.Transition) -> None:
+        if transition.to_state in (AlertState.ACKNOWLEDGED.value, AlertState.RESOLVED.value):
+            enqueue(session, transition.alert, transition.to_state, routing)
+
+    return alert_actions.subscribe(listener)
 
 
 def _rfc3339(moment: datetime) -> str:

@@ -15,7 +15,9 @@ from sqlalchemy.orm import Session
 
 from alerts.lifecycle import identity
 from monitors.streams import Stream, interval
-from vigil import __version__, audit
+from alerts.routing import RoutingConfig
+from vigil import __version__, audit, notify
+from vigil.alert_actions import OPEN_STATES
 from vigil.pipeline import RunResult
 from vigil.settings import Settings
 from vigil.store import (
@@ -40,7 +42,7 @@ def persist(result: RunResult, settings: Settings, inputs: list[str], started_at
     engine = engine_for(settings.store_url)
     try:
         with Session(engine, expire_on_commit=False) as session, session.begin():
-            ids = store_results(session, result, incremental=False)
+            ids = store_results(session, result, settings.routing, incremental=False)
             record_run(session, RunRow(started_at=started_at, config_hash=settings.config_hash(),
                                        code_version=__version__, inputs=inputs), result)
     finally:
@@ -48,7 +50,8 @@ def persist(result: RunResult, settings: Settings, inputs: list[str], started_at
     return ids
 
 
-def store_results(session: Session, result: RunResult, incremental: bool = True) -> dict[str, str]:
+def store_results(session: Session, result: RunResult, routing: RoutingConfig,
+                  incremental: bool = True) -> dict[str, str]:
     """Write the pipeline's results in the caller's transaction; returns provisional alert/ticket keys → stored ids.
 
     ``incremental`` (the service): only what changed since the last call is written, and the result remembers what
@@ -59,7 +62,7 @@ def store_results(session: Session, result: RunResult, incremental: bool = True)
     _streams(session, result, incremental)
     if result.dead_letters:
         session.execute(insert(DeadLetterRow), [_row(DeadLetterRow.from_dead_letter(d)) for d in result.dead_letters])
-    ids = _alerts(session, result, incremental)
+    ids = _alerts(session, result, routing, incremental)
     ids.update(_tickets(session, result, ids))
     return ids
 
@@ -166,12 +169,13 @@ def _point_rows(s: Stream, since: datetime, mark: bool) -> list[dict]:
     return rows
 
 
-def _alerts(session, result: RunResult, incremental: bool) -> dict[str, str]:
+def _alerts(session, result: RunResult, routing: RoutingConfig, incremental: bool) -> dict[str, str]:
     """Insert new alerts and apply re-fires to the stored ones; unchanged alerts are not touched.
 
     An alert already stored by this process (``book.stored``) gets only the firings since; if a safety officer resolved
     it meanwhile, the new firing is a new incident and opens a new alert. An alert this process has not stored yet
     re-uses an open stored alert with the same identity (the same feed stored again, or a restart), else is inserted.
+    Each new alert and each re-fire queues its notifications (``vigil.notify``) in the same transaction.
     """
     book = result.alerts
     ids: dict[str, str] = {}
@@ -181,7 +185,7 @@ def _alerts(session, result: RunResult, incremental: bool) -> dict[str, str]:
             ids[alert.id] = stored_id
             continue
         existing = session.get(AlertRow, stored_id) if stored_id else _open_alert(session, identity(alert.signal))
-        if existing is not None and existing.state in ("firing", "acknowledged"):
+        if existing is not None and existing.state in OPEN_STATES:
             ids[alert.id] = existing.id
             newest = alert.last_fired_at or alert.signal.detected_at
             if stored_id is None and newest <= existing.last_fired_at:
@@ -189,6 +193,7 @@ def _alerts(session, result: RunResult, incremental: bool) -> dict[str, str]:
                     book.stored[alert.id] = (existing.id, alert.fire_count)
                 continue  # this firing is already stored (the same feed stored again)
             _refire(session, existing, alert, alert.fire_count - stored_fires if stored_id else alert.fire_count)
+            notify.enqueue(session, existing, "firing", routing)
         else:
             row = AlertRow.from_alert(alert)
             row.id = next_id(session, AlertRow, "A")
@@ -197,6 +202,7 @@ def _alerts(session, result: RunResult, incremental: bool) -> dict[str, str]:
             session.flush()
             ids[alert.id] = row.id
             audit.record(session, ACTOR, "alert.fired", "alert", row.id, _alert_payload(row))
+            notify.enqueue(session, row, "firing", routing)
         if incremental:
             book.stored[alert.id] = (ids[alert.id], alert.fire_count)
     return ids
@@ -206,7 +212,7 @@ def _open_alert(session, ident) -> AlertRow | None:
     return session.scalars(select(AlertRow).where(
         AlertRow.model == ident[0], AlertRow.model_version == ident[1], AlertRow.metric == ident[2],
         AlertRow.site == ident[3], AlertRow.subgroup == ident[4], AlertRow.detector == ident[5],
-        AlertRow.state.in_(("firing", "acknowledged")))).first()
+        AlertRow.state.in_(OPEN_STATES))).first()
 
 
 def _refire(session, existing: AlertRow, alert, new_fires: int) -> None:

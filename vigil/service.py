@@ -112,7 +112,7 @@ class Service:
     def _commit(self, factory: sessionmaker[Session], final: bool) -> None:
         result = self.pipeline.result
         with factory() as session, session.begin():
-            self.report.stored_ids.update(store_results(session, result))
+            self.report.stored_ids.update(store_results(session, result, self.settings.routing))
             for source in self.sources:
                 offsets.save_checkpoint(session, source.name, source.checkpoint())
             self._run = record_run(session, self._run, result, final=final)

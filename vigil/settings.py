@@ -9,11 +9,17 @@ from __future__ import annotations
 import hashlib
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from alerts.routing import RoutingConfig
+from ingest.bulk_export import BulkDirectorySourceConfig, BulkExportSourceConfig
+from ingest.kafka_source import KafkaSourceConfig
+from ingest.rest_poll import RestPollSourceConfig
+from ingest.subscription import SubscriptionConfig
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 DEFAULT_CONFIG = EXAMPLES_DIR / "vigil.yaml"
@@ -79,8 +85,17 @@ class MonitorConfig(BaseModel):
 
 
 class SourceConfig(BaseModel):
+    """Files or directories read once, in arrival order (``vigil ingest``, ``vigil run`` with file sources)."""
+
     kind: Literal["files"] = "files"
     paths: list[Path] = Field(default_factory=list)
+
+
+AnySource = Annotated[
+    SourceConfig | KafkaSourceConfig | BulkExportSourceConfig | BulkDirectorySourceConfig | RestPollSourceConfig
+    | SubscriptionConfig,
+    Field(discriminator="kind"),
+]
 
 
 class Settings(BaseSettings):
@@ -89,7 +104,8 @@ class Settings(BaseSettings):
     store_url: str = "sqlite:///vigil.db"
     subject_key: str = Field("vigil-demo-key-change-me", description="secret for the keyed hash of subjects")
     deid_policy: Literal["strip", "quarantine"] = "strip"
-    sources: list[SourceConfig] = Field(default_factory=list)
+    sources: list[AnySource] = Field(default_factory=list)
+    routing: RoutingConfig = RoutingConfig()
     concept_maps: list[Path] = Field(default_factory=list)
     models: list[ModelConfig] = Field(default_factory=list)
     subgroups: SubgroupConfig = SubgroupConfig()
@@ -112,6 +128,12 @@ class Settings(BaseSettings):
         blob = self.model_dump_json(exclude={"subject_key", "config_path"})
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def analysis_hash(self) -> str:
+        """Hash of what decides the results (models, outcomes, maps, subgroups, monitors, de-identification), not of
+        where data comes from or goes: a pipeline checkpoint stays valid when a broker address or receiver changes."""
+        blob = self.model_dump_json(exclude={"subject_key", "config_path", "sources", "routing", "store_url"})
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
 
 def load_settings(path: Path | str | None = None, **overrides) -> Settings:
     """Read the YAML file (default: the embedded example), resolve its relative paths, apply env and overrides."""
@@ -125,7 +147,10 @@ def load_settings(path: Path | str | None = None, **overrides) -> Settings:
     base = path.resolve().parent
     raw["concept_maps"] = [str(_resolve(base, p)) for p in raw.get("concept_maps", [])]
     for src in raw.get("sources", []):
-        src["paths"] = [str(_resolve(base, p)) for p in src.get("paths", [])]
+        if src.get("kind", "files") == "files":
+            src["paths"] = [str(_resolve(base, p)) for p in src.get("paths", [])]
+        elif src.get("kind") == "bulk-directory" and src.get("path"):
+            src["path"] = str(_resolve(base, src["path"]))
     for m in raw.get("models", []):
         if m.get("pccp"):
             m["pccp"] = str(_resolve(base, m["pccp"]))
