@@ -48,6 +48,13 @@ def test_summary_json_has_the_contract_keys(demo):
         "scanner-upgrade", "mapping-break", "population-shift", "subgroup-decay"}
 
 
+def test_the_demo_writes_a_self_contained_report_with_a_chart_per_alerted_stream(demo):
+    out, summary = demo
+    html = (out / "report.html").read_text()
+    assert "http://" not in html and "https://" not in html
+    assert html.count("<svg") >= min(len(summary["alerts"]), 1)
+
+
 def test_stable_feed_raises_no_alert(demo):
     _, summary = demo
     assert _alerts(summary, "stable") == []

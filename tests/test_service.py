@@ -139,10 +139,10 @@ def test_killed_at_random_points_and_restarted_gives_exactly_the_uninterrupted_r
 
 def test_a_restart_after_the_end_replays_nothing(feed, tmp_path):
     url = f"sqlite:///{tmp_path / 'vigil.db'}"
-    _run(url, feed)
+    _run(url, feed[:8000])
     before = _outcome(url)
-    report, source = _run(url, feed)
-    assert report.messages == 0 and source.next == len(feed)
+    report, source = _run(url, feed[:8000])
+    assert report.messages == 0 and source.next == 8000
     assert _outcome(url) == before
 
 

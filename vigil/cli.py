@@ -52,7 +52,7 @@ def demo(
     chosen = scenario or list(SCENARIOS)
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
                   disable=json) as progress:
-        task = progress.add_task("demo", total=len(chosen) * 2)
+        task = progress.add_task("demo", total=len(chosen) * 2 + 1)
         try:
             summary = run_demo(out, seed=seed, days=days, volume=volume, scenarios=chosen,
                                on_step=lambda msg: progress.update(task, advance=1, description=msg))
@@ -63,8 +63,9 @@ def demo(
         print_json(summary)
         return
     _show_demo(summary)
-    console.print(f"\nWrote [bold]{out / 'summary.json'}[/], {len(written)} Grafana dashboards in {out / 'dashboards'}, "
-                  f"and one SQLite store per scenario in {out / 'stores'}.")
+    console.print(f"\nWrote [bold]{out / 'summary.json'}[/], the surveillance report [bold]{out / 'report.html'}[/], "
+                  f"{len(written)} Grafana dashboards in {out / 'dashboards'}, and one SQLite store per scenario in "
+                  f"{out / 'stores'}.")
 
 
 def _show_demo(summary: dict) -> None:
@@ -280,6 +281,7 @@ def _mount_subcommands() -> None:
     """Sub-apps live in their own modules (they import ``vigil.cli_common``, not this module)."""
     from vigil.cli_alerts import alerts_app
     from vigil.cli_calibrate import calibrate_app
+    from vigil.cli_report import dashboards_push, report
     from vigil.cli_serve import mount as mount_serve
     from vigil.cli_tickets import tickets_app
 
@@ -287,6 +289,8 @@ def _mount_subcommands() -> None:
     app.add_typer(tickets_app, name="tickets")
     app.add_typer(calibrate_app, name="calibrate", help="Thresholds from a target ARL0, and ARLs, computed exactly.")
     mount_serve(app)
+    app.command("report")(report)
+    dashboards_app.command("push")(dashboards_push)
 
 
 _mount_subcommands()

@@ -44,8 +44,12 @@ def serve(
     receivers configured under ``routing:``, also delivers the notification outbox (retries, escalation)."""
     import uvicorn
 
+    from fastapi import Depends
+
     from vigil import notify
-    from vigil.api import create_app
+    from vigil.api import create_app, require
+    from vigil.auth import Permission
+    from vigil.observability import metrics_router
 
     settings = load_settings(config, store_url=store)
     url = settings.store_url
@@ -57,7 +61,8 @@ def serve(
     console.print(f"vigil API on http://{host}:{port} (docs at /docs), store {url}"
                   + (f", notifying {len(settings.routing.receivers)} receivers" if scheduler else ""))
     try:
-        uvicorn.run(create_app(url), host=host, port=port, log_level=log_level)
+        metrics = metrics_router(url, dependencies=[Depends(require(Permission.READ_ALERTS))])
+        uvicorn.run(create_app(url, extra_routers=[metrics]), host=host, port=port, log_level=log_level)
     finally:
         if scheduler is not None:
             scheduler.shutdown()

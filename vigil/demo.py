@@ -14,14 +14,19 @@ import orjson
 from vigil.domain import ALL, Alert
 from vigil.persist import persist
 from vigil.pipeline import Pipeline, RunResult
+from vigil.report import build_combined_report
 from vigil.settings import DEFAULT_CONFIG, load_settings
 from vigil.simulator import SCENARIOS, simulate
+
+
+DEMO_STREAM_CHARTS = 6  # full control charts per device and scenario in the demo report; the rest are in its tables
 
 
 def run_demo(out: Path, seed: int = 7, days: int = 180, volume: float = 1.0,
              scenarios: Sequence[str] = SCENARIOS, config: Path = DEFAULT_CONFIG,
              on_step: Callable[[str], None] = lambda _: None) -> dict:
-    """Run every scenario; write ``out/summary.json`` and return the summary."""
+    """Run every scenario; write ``out/summary.json`` and the surveillance report ``out/report.html`` (one section per
+    scenario's store); return the summary."""
     unknown = sorted(set(scenarios) - set(SCENARIOS))
     if unknown:
         raise ValueError(f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
@@ -45,6 +50,9 @@ def run_demo(out: Path, seed: int = 7, days: int = 180, volume: float = 1.0,
         summary["config_hash"] = settings.config_hash()
         _collect(summary, scenario, truth.to_dict(), result, ids, elapsed)
     (out / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+    on_step("writing the surveillance report")
+    stores = [(f"Scenario {scenario}", f"sqlite:///{out / 'stores' / f'{scenario}.db'}") for scenario in scenarios]
+    build_combined_report(stores, out / "report.html", config=config, max_stream_charts=DEMO_STREAM_CHARTS)
     return summary
 
 
