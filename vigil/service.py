@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ingest import Checkpoint, Source, load_messages
 from vigil import __version__, checkpoint, offsets
+from vigil.observability import ingest_metrics
 from vigil.persist import record_run, store_results
 from vigil.pipeline import Pipeline
 from vigil.settings import Settings
@@ -105,7 +106,12 @@ class Service:
             messages = source.poll(self.max_batch, self.poll_timeout)
             if messages:
                 got += len(messages)
-                self.pipeline.ingest(load_messages(messages, self.pipeline.decoder))
+                loaded = load_messages(messages, self.pipeline.decoder)
+                ingest_metrics().observe_counts(source.name, loaded.accepted, loaded.rejected, loaded.ignored, {},
+                                                [d.reason for d in loaded.dead_letters])
+                self.pipeline.ingest(loaded)
+                if self.pipeline.result.watermark is not None:
+                    ingest_metrics().set_watermark(source.name, self.pipeline.result.watermark)
         self.report.messages += got
         return got
 
