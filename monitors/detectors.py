@@ -310,9 +310,15 @@ _KINDS: dict[str, type[_Chart]] = {c.__name__: c for c in (TabularCusum, Ewma, B
 
 
 def detector_from_state(d: dict[str, Any]) -> Detector:
-    """Restore any detector from its ``state()``."""
+    """Restore any detector from its ``state()`` (the charts here and ``monitors.bocpd.Bocpd``; river adapters are
+    restored by their own ``from_state``, since their state holds a pickle)."""
+    if d.get("type") == "Bocpd":
+        from monitors.bocpd import Bocpd  # imported here: bocpd needs numpy, the charts do not
+
+        return Bocpd.from_state(d)
     try:
         kind = _KINDS[d["type"]]
     except KeyError:
-        raise ValueError(f"unknown detector type {d.get('type')!r} in saved state; known: {sorted(_KINDS)}") from None
+        raise ValueError(f"unknown detector type {d.get('type')!r} in saved state; known: {sorted(_KINDS) + ['Bocpd']}"
+                         ) from None
     return kind.from_state(d)
