@@ -233,3 +233,18 @@ def test_metrics_route_takes_the_api_guard_as_a_dependency(store):
         assert client.get("/metrics").status_code == 401
         ok = client.get("/metrics", headers={"Authorization": "Bearer scrape-token"})
         assert ok.status_code == 200 and "vigil_open_alerts" in ok.text
+
+
+def test_the_api_with_the_metrics_route_still_publishes_its_openapi_schema(tmp_path):
+    """`vigil serve` mounts /metrics into the API: the OpenAPI document must still build (it once failed with 500)."""
+    from fastapi.testclient import TestClient
+
+    from vigil import store
+    from vigil.api import create_app
+    from vigil.observability import metrics_router
+
+    url = f"sqlite:///{tmp_path / 'vigil.db'}"
+    store.upgrade(url)
+    client = TestClient(create_app(url, extra_routers=[metrics_router(url)]))
+    schema = client.get("/openapi.json")
+    assert schema.status_code == 200 and "/metrics" in schema.json()["paths"]

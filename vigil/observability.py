@@ -242,8 +242,9 @@ def metrics_router(store_url: str | None = None, registry: CollectorRegistry | N
         reg.register(StoreCollector(store_url))
     router = APIRouter(dependencies=list(dependencies))
 
-    @router.get("/metrics", include_in_schema=True, summary="Prometheus metrics", tags=["observability"])
-    def metrics() -> Response:
+    @router.get("/metrics", include_in_schema=True, summary="Prometheus metrics", tags=["observability"],
+                response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+    def metrics():
         return Response(generate_latest(reg), media_type=CONTENT_TYPE_LATEST)
 
     return router
