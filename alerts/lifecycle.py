@@ -9,6 +9,7 @@ labeled performance claim (reference/pccp.md §8.5 item 2), else ``warning``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from vigil.domain import CLAIM_OF, Alert, AlertState, Signal
 
@@ -38,7 +39,7 @@ class AlertBook:
     next_seq: int = 1
     alerts: list[Alert] = field(default_factory=list)
     _open: dict[Identity, Alert] = field(default_factory=dict)
-    stored: dict[str, tuple[str, int]] = field(default_factory=dict)  # alert id → (id in the store, fire count stored)
+    stored: dict[str, tuple[str, int, bool]] = field(default_factory=dict)  # alert id → (stored id, fires, resolved)
 
     def fire(self, signal: Signal) -> Alert:
         ident = identity(signal)
@@ -61,5 +62,18 @@ class AlertBook:
         self._open[ident] = alert
         return alert
 
-    def open_for(self, model_id: str) -> list[Alert]:
-        return [a for a in self.alerts if a.signal.stream.model == model_id and a.state in OPEN_STATES]
+    def auto_resolve(self, watermark: datetime, after: timedelta) -> list[Alert]:
+        """Resolve every open alert whose stream has not alarmed for ``after`` (feed time): back in control.
+
+        Feed time, not wall-clock time, so a replay resolves the same alerts at the same point. A later alarm on the
+        stream then opens a new alert (a new incident), not a re-fire of the resolved one.
+        """
+        resolved = []
+        for alert in self._open.values():
+            if alert.state in OPEN_STATES and watermark - (alert.last_fired_at or alert.signal.detected_at) >= after:
+                alert.state, alert.resolved_at = AlertState.RESOLVED, watermark
+                resolved.append(alert)
+        return resolved
+
+    def of(self, model_id: str) -> list[Alert]:
+        return [a for a in self.alerts if a.signal.stream.model == model_id]

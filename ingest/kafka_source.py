@@ -173,9 +173,9 @@ class KafkaSource:
 
     @property
     def exhausted(self) -> bool:
-        """Polls have returned nothing for ``idle_timeout_s`` and the store holds every partition of the topics up
-        to its end offset — the group's work, not only this member's: a member whose own partitions are done keeps
-        polling while another member's partitions may still be handed to it by a rebalance."""
+        """Polls have returned nothing for ``idle_timeout_s``, and every partition of the topics up to its end offset
+        was handed out by this member or is in the store — the group's work, not only this member's: a member whose
+        own partitions are done keeps polling while another member's may still be handed to it by a rebalance."""
         return self._exhausted
 
     def _everything_stored(self) -> bool:
@@ -191,8 +191,10 @@ class KafkaSource:
             log.info("Kafka source %r: end offsets unavailable (%s); not exhausted yet", self.name, exc)
             return False
         keys = [(tp.topic, tp.partition) for tp in partitions]
-        stored = self._lookup(keys) if self._lookup is not None else dict(self._next)
-        return all(stored.get((tp.topic, tp.partition), begins[tp]) >= ends[tp] for tp in partitions)
+        done = self._lookup(keys) if self._lookup is not None else {}
+        for key, offset in self._next.items():  # handed out by this member (the service stores it before it stops)
+            done[key] = max(done.get(key, offset), offset)
+        return all(done.get((tp.topic, tp.partition), begins[tp]) >= ends[tp] for tp in partitions)
 
     def checkpoint(self) -> Checkpoint:
         self._pending = {key: offset for key, offset in self._next.items() if key in self._assigned}

@@ -192,6 +192,9 @@ def iter_message(payload: bytes, position: Position, max_bytes: int = MAX_MESSAG
     if len(payload) > max_bytes:
         yield oversized(position, len(payload), max_bytes)
         return
+    if not payload:
+        yield DeadLetter(position, "empty message (a Kafka tombstone or an empty body): nothing to ingest")
+        return
     try:
         value = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:

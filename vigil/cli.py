@@ -281,12 +281,14 @@ def _mount_subcommands() -> None:
     """Sub-apps live in their own modules (they import ``vigil.cli_common``, not this module)."""
     from vigil.cli_alerts import alerts_app
     from vigil.cli_calibrate import calibrate_app
+    from vigil.cli_deadletters import deadletters_app
     from vigil.cli_report import dashboards_push, report
     from vigil.cli_serve import mount as mount_serve
     from vigil.cli_tickets import tickets_app
 
     app.add_typer(alerts_app, name="alerts")
     app.add_typer(tickets_app, name="tickets")
+    app.add_typer(deadletters_app, name="deadletters")
     app.add_typer(calibrate_app, name="calibrate", help="Thresholds from a target ARL0, and ARLs, computed exactly.")
     mount_serve(app)
     app.command("report")(report)

@@ -234,3 +234,4 @@ class Alert:
     severity: str = "warning"  # warning | critical
     fire_count: int = 1
     last_fired_at: datetime | None = None
+    resolved_at: datetime | None = None  # set when the pipeline resolves it (stream back in control)

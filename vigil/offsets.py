@@ -119,7 +119,8 @@ def _compare_and_set(session: Session, key: str, partition: int, offset: int, ex
 def _insert_if_absent(session: Session, key: str, partition: int, offset: int, now) -> bool:
     insert = _dialect_insert(session)(SourceOffsetRow).values(source=key, partition=partition, offset=offset,
                                                                updated_at=now)
-    return session.execute(insert.on_conflict_do_nothing(index_elements=["source", "partition"])).rowcount == 1
+    inserted = insert.on_conflict_do_nothing(index_elements=["source", "partition"]).returning(SourceOffsetRow.offset)
+    return session.execute(inserted).first() is not None  # RETURNING: rowcount is not reliable here on every driver
 
 
 def _upsert(session: Session, table, values: dict, keys: list[str], changed: list[str]) -> None:

@@ -18,6 +18,7 @@ from monitors.streams import Stream, interval
 from alerts.routing import RoutingConfig
 from vigil import __version__, audit, notify
 from vigil.alert_actions import OPEN_STATES
+from vigil.domain import AlertState
 from vigil.pipeline import RunResult
 from vigil.settings import Settings
 from vigil.store import (
@@ -170,49 +171,65 @@ def _point_rows(s: Stream, since: datetime, mark: bool) -> list[dict]:
 
 
 def _alerts(session, result: RunResult, routing: RoutingConfig, incremental: bool) -> dict[str, str]:
-    """Insert new alerts and apply re-fires to the stored ones; unchanged alerts are not touched.
+    """Insert new alerts, apply re-fires and back-in-control resolutions to stored ones; unchanged ones are untouched.
 
     An alert already stored by this process (``book.stored``) gets only the firings since; if a safety officer resolved
     it meanwhile, the new firing is a new incident and opens a new alert. An alert this process has not stored yet
-    re-uses an open stored alert with the same identity (the same feed stored again, or a restart), else is inserted.
-    Each new alert and each re-fire queues its notifications (``vigil.notify``) in the same transaction.
+    matches the stored alert of the same incident (same stream, same first detection: the same feed stored again, or
+    a restart) or an open one of the same stream, else is inserted. Each new alert, re-fire and resolution queues its
+    notifications (``vigil.notify``) in the same transaction.
     """
     book = result.alerts
     ids: dict[str, str] = {}
     for alert in book.alerts:
-        stored_id, stored_fires = book.stored.get(alert.id, (None, 0)) if incremental else (None, 0)
-        if stored_id is not None and alert.fire_count == stored_fires:
+        resolved = alert.state is AlertState.RESOLVED
+        stored_id, stored_fires, stored_resolved = (book.stored.get(alert.id, (None, 0, False)) if incremental
+                                                    else (None, 0, False))
+        if stored_id is not None and alert.fire_count == stored_fires and resolved == stored_resolved:
             ids[alert.id] = stored_id
             continue
-        existing = session.get(AlertRow, stored_id) if stored_id else _open_alert(session, identity(alert.signal))
-        if existing is not None and existing.state in OPEN_STATES:
-            ids[alert.id] = existing.id
-            newest = alert.last_fired_at or alert.signal.detected_at
-            if stored_id is None and newest <= existing.last_fired_at:
-                if incremental:
-                    book.stored[alert.id] = (existing.id, alert.fire_count)
-                continue  # this firing is already stored (the same feed stored again)
-            _refire(session, existing, alert, alert.fire_count - stored_fires if stored_id else alert.fire_count)
-            notify.enqueue(session, existing, "firing", routing)
+        row = session.get(AlertRow, stored_id) if stored_id else _stored_match(session, alert)
+        if row is not None and stored_id is None and row.detected_at == alert.signal.detected_at \
+                and (alert.last_fired_at or alert.signal.detected_at) <= row.last_fired_at:
+            pass  # this incident is stored as far as this run knows it (the same feed stored again)
+        elif row is not None and row.state in OPEN_STATES:
+            if alert.fire_count != stored_fires:
+                _refire(session, row, alert, alert.fire_count - stored_fires if stored_id else alert.fire_count)
+                notify.enqueue(session, row, "firing", routing)
         else:
             row = AlertRow.from_alert(alert)
             row.id = next_id(session, AlertRow, "A")
+            row.state = AlertState.FIRING.value
             row.last_fired_at = alert.last_fired_at or alert.signal.detected_at
             session.add(row)
             session.flush()
-            ids[alert.id] = row.id
             audit.record(session, ACTOR, "alert.fired", "alert", row.id, _alert_payload(row))
             notify.enqueue(session, row, "firing", routing)
+        ids[alert.id] = row.id
+        if resolved and row.state in OPEN_STATES:
+            _back_in_control(session, row, alert, routing)
         if incremental:
-            book.stored[alert.id] = (ids[alert.id], alert.fire_count)
+            book.stored[alert.id] = (row.id, alert.fire_count, resolved)
     return ids
 
 
-def _open_alert(session, ident) -> AlertRow | None:
-    return session.scalars(select(AlertRow).where(
-        AlertRow.model == ident[0], AlertRow.model_version == ident[1], AlertRow.metric == ident[2],
-        AlertRow.site == ident[3], AlertRow.subgroup == ident[4], AlertRow.detector == ident[5],
-        AlertRow.state.in_(OPEN_STATES))).first()
+def _stored_match(session, alert) -> AlertRow | None:
+    ident = identity(alert.signal)
+    same_stream = (AlertRow.model == ident[0], AlertRow.model_version == ident[1], AlertRow.metric == ident[2],
+                   AlertRow.site == ident[3], AlertRow.subgroup == ident[4], AlertRow.detector == ident[5])
+    same_incident = session.scalars(select(AlertRow).where(
+        *same_stream, AlertRow.detected_at == alert.signal.detected_at)).first()
+    return same_incident or session.scalars(select(AlertRow).where(
+        *same_stream, AlertRow.state.in_(OPEN_STATES))).first()
+
+
+def _back_in_control(session, row: AlertRow, alert, routing: RoutingConfig) -> None:
+    """The pipeline resolves an alert whose stream has not alarmed for ``monitors.auto_resolve_after`` (feed time)."""
+    row.state, row.resolved_by, row.resolved_at = AlertState.RESOLVED.value, ACTOR, alert.resolved_at
+    audit.record(session, ACTOR, "alert.auto_resolved", "alert", row.id,
+                 {"reason": "back in control: no alarm since the last firing", "last_fired_at":
+                  row.last_fired_at.isoformat(), "resolved_at": alert.resolved_at.isoformat()})
+    notify.enqueue(session, row, "resolved", routing)
 
 
 def _refire(session, existing: AlertRow, alert, new_fires: int) -> None:

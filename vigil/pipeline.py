@@ -291,6 +291,9 @@ class Pipeline:
                                      - timedelta(days=1))
             for monitor in run.monitors.values():
                 self._signals(monitor.advance(watermark))
+        after = self.settings.monitors.auto_resolve_after
+        if new_day and after is not None:
+            self.result.alerts.auto_resolve(watermark, after)
 
     # --- helpers ---------------------------------------------------------------------------------------
 
@@ -315,7 +318,7 @@ class Pipeline:
         self.result.rejected[reason_category(letter.reason)] += 1
 
     def _plan_tickets(self) -> None:
-        """Group each model version's open alerts into root causes and classify them against the device's PCCP.
+        """Group each model version's alerts into root causes and classify them against the device's PCCP.
 
         Planned afresh after every batch from all open alerts: a stored ticket is matched to its alerts when persisted.
         """
@@ -324,7 +327,8 @@ class Pipeline:
             if run.pccp is None:
                 continue
             for version, monitor in sorted(run.monitors.items()):
-                alerts = [a for a in self.result.alerts.open_for(model_id) if a.signal.stream.version == version]
+                # every alert, also those since resolved as back in control: each needs its root cause on a ticket
+                alerts = [a for a in self.result.alerts.of(model_id) if a.signal.stream.version == version]
                 if not alerts:
                     continue
                 ctx = TriageContext(sites=sorted({k.site for k in monitor.streams if k.site != ALL}),

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from sqlalchemy.orm import Session, sessionmaker
 
 from ingest import Checkpoint, Source, load_messages
+from ingest.kafka_source import KafkaSource
 from vigil import __version__, checkpoint, offsets
 from vigil.observability import ingest_metrics
 from vigil.persist import record_run, store_results
@@ -97,6 +98,8 @@ class Service:
         self.pipeline = restored.pipeline or Pipeline(self.settings)
         for source in self.sources:
             source.resume(resume[source.name])
+            if isinstance(source, KafkaSource):  # store what was read before a rebalance hands partitions away
+                source.on_revoke = lambda: self._commit(factory, final=False)
         self._run = RunRow(started_at=datetime.now(UTC), config_hash=self.settings.config_hash(),
                            code_version=__version__, inputs=[s.name for s in self.sources])
 

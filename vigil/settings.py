@@ -82,6 +82,9 @@ class MonitorConfig(BaseModel):
     ewma_lambda: float = 0.1
     ewma_shift: float = Field(0.5, description="EWMA design shift in sd units of the baseline score")
     max_arl0: float = Field(1e7, description="cap on a stream's ARL0 so thresholds stay finite")
+    auto_resolve_after: timedelta | None = Field(
+        timedelta(days=30), description="resolve an open alert once its stream has not alarmed for this long (feed "
+                                        "time); null keeps alerts open until a person resolves them")
 
 
 class SourceConfig(BaseModel):
