@@ -223,3 +223,23 @@ def test_tokens_cli_and_serve_over_real_http(url):
         assert [tuple(e) for e in entries] == [("token.created", "ops"), ("token.revoked", "ops")]
         assert audit.verify(s).ok
     sessions.kw["bind"].dispose()
+
+
+def test_cli_transitions_queue_notifications_for_the_configured_receivers(url, tmp_path):
+    """With receivers under ``routing:``, `vigil alerts ack|resolve --config` queue their notifications in the same
+    transaction (delivered by `vigil serve`); without --config the embedded example routes nowhere."""
+    from vigil.store import OutboxRow
+
+    config = tmp_path / "vigil.yaml"
+    config.write_text("routing:\n  receivers:\n    - {name: eqms, kind: webhook, url: 'http://127.0.0.1:9/hook', "
+                      "secret_env: VIGIL_TEST_SECRET}\n  default_receiver: eqms\n")
+    runner.invoke(app, ["alerts", "ack", "A-000001", "--by", "dr.lee", "--store", url, "--config", str(config)],
+                  catch_exceptions=False)
+    runner.invoke(app, ["alerts", "resolve", "A-000001", "--by", "dr.lee", "--store", url, "--config", str(config)],
+                  catch_exceptions=False)
+    runner.invoke(app, ["alerts", "ack", "A-000002", "--by", "dr.lee", "--store", url], catch_exceptions=False)
+    sessions = store.session_factory(url)
+    with sessions() as s:
+        queued = [(o.receiver, o.alert_id, o.event) for o in s.scalars(select(OutboxRow).order_by(OutboxRow.id))]
+    sessions.kw["bind"].dispose()
+    assert queued == [("eqms", "A-000001", "acknowledged"), ("eqms", "A-000001", "resolved")]

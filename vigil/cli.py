@@ -12,7 +12,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from vigil import audit
-from vigil.cli_common import JsonOpt, StoreOpt, console, err, existing_store, print_json, store_url
+from vigil.cli_common import ConfigOpt, JsonOpt, StoreOpt, console, err, existing_store, print_json, store_url
 from vigil.settings import DEFAULT_CONFIG, Settings, load_settings
 from vigil.store import session_factory, upgrade
 
@@ -24,7 +24,6 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(dashboards_app, name="dashboards")
 app.add_typer(db_app, name="db")
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Config YAML (default: the embedded example).")]
 
 
 def _settings(config: Path = DEFAULT_CONFIG, store: str | None = None) -> Settings:

@@ -10,14 +10,16 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 from sqlalchemy.orm import Session
 
-from vigil import alert_actions
-from vigil.cli_common import JsonOpt, StoreOpt, console, existing_store, print_json
+from vigil import alert_actions, notify
+from vigil.cli_common import ConfigOpt, JsonOpt, StoreOpt, console, existing_store, print_json
+from vigil.settings import DEFAULT_CONFIG, load_settings
 from vigil.store import ALERT_STATES, SEVERITIES, AlertCommentRow, AlertRow, session_factory, upgrade, utcnow
 
 alerts_app = typer.Typer(help="Drift alerts: list, show, acknowledge, resolve, silence, comment.",
@@ -141,18 +143,33 @@ def _report(t: alert_actions.Transition) -> None:
     console.print(f"{t.alert.id}: {t.from_state} → {t.to_state} by {t.by}")
 
 
+@contextmanager
+def _notifying(config: Path) -> Iterator[None]:
+    """Queue the transition's notifications (to the receivers under ``routing:`` in ``config``) in its transaction;
+    `vigil serve` delivers them."""
+    routing = load_settings(config).routing
+    stop = notify.notify_on_transitions(routing) if routing.receivers else None
+    try:
+        yield
+    finally:
+        if stop is not None:
+            stop()
+
+
 @alerts_app.command("ack")
-def alerts_ack(alert_id: AlertIdArg, by: ByOpt, comment: str | None = None, store: StoreOpt = None) -> None:
+def alerts_ack(alert_id: AlertIdArg, by: ByOpt, comment: str | None = None, store: StoreOpt = None,
+               config: ConfigOpt = DEFAULT_CONFIG) -> None:
     """Acknowledge a firing (or silenced) alert."""
-    with _session(store, write=True) as s:
+    with _notifying(config), _session(store, write=True) as s:
         t = alert_actions.acknowledge(s, alert_id, by, comment, context={"via": "cli"})
     _report(t)
 
 
 @alerts_app.command("resolve")
-def alerts_resolve(alert_id: AlertIdArg, by: ByOpt, comment: str | None = None, store: StoreOpt = None) -> None:
+def alerts_resolve(alert_id: AlertIdArg, by: ByOpt, comment: str | None = None, store: StoreOpt = None,
+                   config: ConfigOpt = DEFAULT_CONFIG) -> None:
     """Resolve an alert (firing, acknowledged or silenced)."""
-    with _session(store, write=True) as s:
+    with _notifying(config), _session(store, write=True) as s:
         t = alert_actions.resolve(s, alert_id, by, comment, context={"via": "cli"})
     _report(t)
 

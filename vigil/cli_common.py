@@ -25,6 +25,7 @@ err = Console(stderr=True)
 StoreOpt = Annotated[str | None, typer.Option("--store", envvar="VIGIL_STORE_URL",
                                               help="Store URL (default sqlite:///vigil.db in the working directory).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Config YAML (default: the embedded example).")]
 
 
 def store_url(store: str | None) -> str:
