@@ -65,3 +65,20 @@ def test_persist_on_sqlite(result, tmp_path):
 @pytest.mark.postgres
 def test_persist_on_postgres(result, fresh_postgres_url):
     _check(fresh_postgres_url, *result)
+
+
+def test_a_configuration_change_is_audited_with_the_effective_configuration(result, tmp_path):
+    settings, res = result
+    url = f"sqlite:///{tmp_path / 'config.db'}"
+    first = settings.model_copy(update={"store_url": url})
+    persist(res, first, ["feed"], datetime.now(UTC))
+    persist(res, first, ["feed"], datetime.now(UTC))  # same config: nothing new to audit
+    changed = first.model_copy(deep=True)
+    changed.monitors.odds_ratio = 3.0
+    persist(res, changed, ["feed"], datetime.now(UTC))
+    with session_factory(url)() as s:
+        entries = s.scalars(select(AuditRow).where(AuditRow.action == "config.changed").order_by(AuditRow.seq)).all()
+    assert [e.payload["previous"] for e in entries] == [None, first.config_hash()]
+    assert [e.entity_id for e in entries] == [first.config_hash(), changed.config_hash()]
+    assert entries[1].payload["effective"]["monitors"]["odds_ratio"] == 3.0
+    assert "subject_key" not in entries[1].payload["effective"]

@@ -43,6 +43,7 @@ def persist(result: RunResult, settings: Settings, inputs: list[str], started_at
     engine = engine_for(settings.store_url)
     try:
         with Session(engine, expire_on_commit=False) as session, session.begin():
+            record_config(session, settings)
             ids = store_results(session, result, settings.routing, incremental=False)
             record_run(session, RunRow(started_at=started_at, config_hash=settings.config_hash(),
                                        code_version=__version__, inputs=inputs), result)
@@ -66,6 +67,25 @@ def store_results(session: Session, result: RunResult, routing: RoutingConfig,
     ids = _alerts(session, result, routing, incremental)
     ids.update(_tickets(session, result, ids))
     return ids
+
+
+def record_config(session: Session, settings: Settings) -> bool:
+    """Audit a configuration change: when this run's config hash differs from the last run's, the effective analysis
+    configuration (models, outcomes, subgroups, monitors, maps — no secrets, no source credentials) is appended to the
+    audit log, so an inspector can see what changed and from when. Returns whether it was recorded."""
+    now = settings.config_hash()
+    last = session.scalar(select(RunRow.config_hash).order_by(RunRow.id.desc()).limit(1))
+    if last == now:
+        return False
+    effective = settings.model_dump(mode="json", exclude={"subject_key", "sources", "routing", "store_url",
+                                                          "config_path"})
+    audit.record(session, ACTOR, "config.changed", "config", now, {
+        "previous": last, "config_path": str(settings.config_path) if settings.config_path else None,
+        "analysis_hash": settings.analysis_hash(), "effective": effective,
+        "sources": [{"kind": s.kind, "name": getattr(s, "name", None)} for s in settings.sources],
+        "receivers": [r.name for r in settings.routing.receivers],
+    })
+    return True
 
 
 def record_run(session: Session, run: RunRow, result: RunResult, final: bool = True) -> RunRow:

@@ -23,7 +23,7 @@ from ingest import Checkpoint, Source, load_messages
 from ingest.kafka_source import KafkaSource
 from vigil import __version__, checkpoint, offsets
 from vigil.observability import ingest_metrics
-from vigil.persist import record_run, store_results
+from vigil.persist import record_config, record_run, store_results
 from vigil.pipeline import Pipeline
 from vigil.settings import Settings
 from vigil.store import RunRow, engine_for, upgrade
@@ -121,6 +121,8 @@ class Service:
     def _commit(self, factory: sessionmaker[Session], final: bool) -> None:
         result = self.pipeline.result
         with factory() as session, session.begin():
+            if self._run.id is None:
+                record_config(session, self.settings)
             self.report.stored_ids.update(store_results(session, result, self.settings.routing))
             for source in self.sources:
                 offsets.save_checkpoint(session, source.name, source.checkpoint())
