@@ -80,6 +80,12 @@ class ConceptMapError(ValueError):
     """A ConceptMap file that cannot be used; the message names the file and what to fix."""
 
 
+class TerminologyUnavailable(RuntimeError):
+    """A translation source beyond the local maps (a terminology server) could not answer for now: the fact is
+    a counted data-quality event ('terminology unavailable'), neither mapped nor unmapped, and is never dropped.
+    """
+
+
 class ConceptMaps:
     """Every loaded map; ``translate`` answers like ``ConceptMap/$translate`` over all maps that apply at a site.
 

@@ -71,7 +71,9 @@ class LabRiseOutcome:
 
     Baseline: the latest value within ``baseline_lookback`` before the prediction; when there is none, the first
     value inside the window, and only later values are compared with it. Positive when a value inside the window
-    is ≥ baseline + ``absolute_rise`` or ≥ ``relative_rise`` × baseline. Only values inside the label window count
+    is ≥ ``relative_rise`` × baseline, or ≥ ``absolute_rise`` above the baseline or an earlier value in the window
+    measured at most ``absolute_rise_within`` (KDIGO: 48 h) before it — a 0.3 mg/dL rise spread over five days is
+    not AKI by the absolute criterion. Only values inside the label window count
     for either criterion: KDIGO's 1.5× rule looks back 7 days, but with a 48 h window a 1.5× rise reached on day 5
     is not an outcome of this prediction. A subject with no values at all (no baseline, nothing in the window) is
     NEGATIVE once the window closes: nobody measured creatinine, which in practice means nobody suspected AKI;
@@ -84,6 +86,7 @@ class LabRiseOutcome:
     absolute_rise: float | None
     relative_rise: float | None
     baseline_lookback: timedelta
+    absolute_rise_within: timedelta = timedelta(hours=48)
 
     def relevant(self, of: OutcomeFact) -> bool:
         return (
@@ -107,17 +110,18 @@ class LabRiseOutcome:
             baseline, later = inside[0], inside[1:]
         else:
             return (Label.NEGATIVE, ()) if closed else None
-        for of in later:
-            if self._rises(baseline.value, of.value):
+        for i, of in enumerate(later):
+            if self.relative_rise is not None and baseline.value > 0 \
+                    and of.value >= self.relative_rise * baseline.value - _TOLERANCE:
                 return Label.POSITIVE, (baseline.fact.resource_id, of.fact.resource_id)
+            if self.absolute_rise is not None:
+                since = of.fact.time - self.absolute_rise_within
+                for ref in (baseline, *later[:i]):
+                    if ref.fact.time >= since and of.value - ref.value >= self.absolute_rise - _TOLERANCE:
+                        return Label.POSITIVE, (ref.fact.resource_id, of.fact.resource_id)
         if closed:
             return Label.NEGATIVE, tuple(dict.fromkeys(of.fact.resource_id for of in [baseline, *later]))
         return None
-
-    def _rises(self, baseline: float, value: float) -> bool:
-        if self.absolute_rise is not None and value - baseline >= self.absolute_rise - _TOLERANCE:
-            return True
-        return self.relative_rise is not None and baseline > 0 and value >= self.relative_rise * baseline - _TOLERANCE
 
 
 def definition_for(cfg: OutcomeConfig) -> OutcomeDefinition:
@@ -142,4 +146,5 @@ def definition_for(cfg: OutcomeConfig) -> OutcomeDefinition:
         absolute_rise=cfg.absolute_rise,
         relative_rise=cfg.relative_rise,
         baseline_lookback=cfg.baseline_lookback,
+        absolute_rise_within=cfg.absolute_rise_within,
     )

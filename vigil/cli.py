@@ -139,6 +139,8 @@ def _run_pipeline(paths: list[Path], settings: Settings, json: bool) -> None:
         "corrections": dict(result.corrections),
         "unmapped_codes": [{"site": site, "system": system, "code": code, "count": n}
                            for (site, system, code), n in sorted(result.unmapped.items())],
+        "terminology_unavailable": [{"site": site, "system": system, "count": n}
+                                    for (site, system), n in sorted(result.terminology_unavailable.items())],
         "dead_letters": [{"position": str(d.position), "reason": d.reason} for d in result.dead_letters[:50]],
     }
     if json:

@@ -20,6 +20,7 @@ from ingest import Decoder, IngestResult, SubjectKeyer, load, reason_category
 from monitors.join import LabelJoin
 from monitors.streams import StreamMonitor
 from ontology import ConceptMaps, FactMapper, attributes, cells, definition_for
+from ontology.terminology import ServerFallback, TerminologyClient
 from retrain_trigger import AcquisitionChange, Pccp, TicketDraft, TriageContext, load_pccp, plan_tickets
 from vigil.domain import (
     ALL,
@@ -61,6 +62,7 @@ class RunResult:
     stripped: Counter = field(default_factory=Counter)
     corrections: Counter = field(default_factory=Counter)  # amendments/retractions the join could not yet apply
     unmapped: Counter = field(default_factory=Counter)  # (site, system, code) → count
+    terminology_unavailable: Counter = field(default_factory=Counter)  # (site, system) → facts not asked (outage)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     models: dict[str, ModelRun] = field(default_factory=dict)
     unsaved: dict[tuple[str, str], Case] = field(default_factory=dict)  # (model, prediction id) → case, until stored
@@ -85,7 +87,8 @@ class Pipeline:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.decoder = Decoder(SubjectKeyer(settings.subject_key), policy=settings.deid_policy)
-        self.mapper = FactMapper(ConceptMaps.load(settings.concept_maps), [m.outcome for m in settings.models])
+        self.mapper = FactMapper(ConceptMaps.load(settings.concept_maps), [m.outcome for m in settings.models],
+                                 fallback=_terminology(settings))
         self.result = RunResult(alerts=AlertBook(claims={m.id: dict(m.claims) for m in settings.models}))
         for m in settings.models:  # a broken PCCP file fails here, before any work, naming the file
             pccp = load_pccp(m.pccp) if m.pccp else None
@@ -138,6 +141,7 @@ class Pipeline:
         if progress is not None:
             progress(len(events), len(events))
         self.result.unmapped = self.mapper.unmapped_codes
+        self.result.terminology_unavailable = self.mapper.terminology_unavailable
         self._plan_tickets()
 
     # --- checkpoints -------------------------------------------------------------------------------------
@@ -155,6 +159,7 @@ class Pipeline:
         """Attach the settings (and a decoder built from them) to a pipeline restored from a checkpoint."""
         self.settings = settings
         self.decoder = Decoder(SubjectKeyer(settings.subject_key), policy=settings.deid_policy)
+        self.mapper.fallback = _terminology(settings)
         return self
 
     # --- reference data ----------------------------------------------------------------------------------
@@ -344,6 +349,11 @@ class Pipeline:
                 d = self.devices[device_id]
                 changes.append(AcquisitionChange(site, first, d.manufacturer or "unknown", d.model or "unknown"))
         return changes
+
+
+def _terminology(settings: Settings) -> ServerFallback | None:
+    """The terminology-server fallback for codes no local ConceptMap covers, when one is configured."""
+    return ServerFallback(TerminologyClient(settings.terminology)) if settings.terminology else None
 
 
 def _arrival_order(item: tuple[Position, Prediction | Fact]):

@@ -18,7 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from alerts.routing import RoutingConfig
 from ingest.bulk_export import BulkDirectorySourceConfig, BulkExportSourceConfig
 from ingest.kafka_source import KafkaSourceConfig
-from ingest.rest_poll import RestPollSourceConfig
+from ingest.rest_poll import FhirHttpConfig, RestPollSourceConfig
 from ingest.subscription import SubscriptionConfig
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
@@ -41,6 +41,8 @@ class OutcomeConfig(BaseModel):
     analyte: CodeRef | None = Field(None, description="lab_rise: the LOINC code of the analyte")
     unit: str | None = Field(None, description="lab_rise: canonical UCUM unit, e.g. mg/dL")
     absolute_rise: float | None = Field(None, description="lab_rise: rise over baseline that counts (KDIGO 0.3)")
+    absolute_rise_within: timedelta = Field(timedelta(hours=48), description="lab_rise: the absolute rise counts only "
+                                            "over a reference value measured at most this long before (KDIGO 48 h)")
     relative_rise: float | None = Field(None, description="lab_rise: ratio to baseline that counts (KDIGO 1.5)")
     baseline_lookback: timedelta = Field(timedelta(hours=24), description="lab_rise: how far back a baseline may be")
 
@@ -101,6 +103,26 @@ AnySource = Annotated[
 ]
 
 
+class TerminologyServerConfig(FhirHttpConfig):
+    """Where the licensed terminology server is, and how hard to try. The auth header value is read from the
+    environment variable named by ``auth_env`` (e.g. ``VIGIL_TX_TOKEN='Bearer ...'``), never from the config file.
+    """
+
+    timeout_s: float = Field(5.0, gt=0, description="connect/read timeout per request")
+    max_retries: int = Field(3, ge=0, description="retries on 429, 5xx and connection errors")
+    backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles per retry")
+    max_backoff_s: float = Field(30.0, ge=0, description="cap on one delay, Retry-After included")
+    cache_size: int = Field(10_000, ge=0, description="answers kept (LRU); 0 disables the cache")
+    cache_ttl_s: float = Field(86_400.0, gt=0, description="how long an answer is reused, in seconds")
+    cooldown_s: float = Field(60.0, ge=0, description="after an outage, fail fast this long before asking again")
+    target_systems: list[str] = Field(
+        default_factory=list,
+        description="fallback: code systems to translate into (targetsystem), asked in order; empty: one request "
+        "without targetsystem, and a match in any standard system (SNOMED CT, LOINC) counts",
+    )
+    conceptmap_url: str | None = Field(None, description="fallback: translate with this ConceptMap only (url)")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VIGIL_", extra="forbid")
 
@@ -109,6 +131,8 @@ class Settings(BaseSettings):
     deid_policy: Literal["strip", "quarantine"] = "strip"
     sources: list[AnySource] = Field(default_factory=list)
     routing: RoutingConfig = RoutingConfig()
+    terminology: TerminologyServerConfig | None = Field(
+        None, description="a licensed FHIR terminology server asked for codes no local ConceptMap covers")
     concept_maps: list[Path] = Field(default_factory=list)
     models: list[ModelConfig] = Field(default_factory=list)
     subgroups: SubgroupConfig = SubgroupConfig()
