@@ -8,6 +8,7 @@ labeled performance claim (reference/pccp.md §8.5 item 2), else ``warning``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -62,15 +63,18 @@ class AlertBook:
         self._open[ident] = alert
         return alert
 
-    def auto_resolve(self, watermark: datetime, after: timedelta) -> list[Alert]:
-        """Resolve every open alert whose stream has not alarmed for ``after`` (feed time): back in control.
+    def auto_resolve(self, watermark: datetime, after: timedelta,
+                     in_control: Callable[[Alert], bool] = lambda alert: True) -> list[Alert]:
+        """Resolve every open alert whose stream is back in control: no alarm for ``after`` (feed time), and
+        ``in_control(alert)`` (the pipeline asks the stream's chart) holds now.
 
         Feed time, not wall-clock time, so a replay resolves the same alerts at the same point. A later alarm on the
         stream then opens a new alert (a new incident), not a re-fire of the resolved one.
         """
         resolved = []
         for alert in self._open.values():
-            if alert.state in OPEN_STATES and watermark - (alert.last_fired_at or alert.signal.detected_at) >= after:
+            if alert.state in OPEN_STATES and watermark - (alert.last_fired_at or alert.signal.detected_at) >= after \
+                    and in_control(alert):
                 alert.state, alert.resolved_at = AlertState.RESOLVED, watermark
                 resolved.append(alert)
         return resolved

@@ -83,6 +83,28 @@ class LabelJoin:
                     cases.append(case)
         return cases
 
+    def recheck(self, case: Case) -> tuple[bool, Case | None]:
+        """Re-decide a labeled case from the subject's facts as they are now (after an amendment or a retraction).
+
+        Returns ``(changed, case)``: ``changed`` False when the label stands; else the relabeled case, or None when
+        the facts no longer decide it and the prediction waits in the join again until its window closes. Only
+        cases whose window and grace have not passed are rechecked: their facts are all still held (``prune_facts``
+        keeps every fact of a subject with something pending or recent), and their mixed metrics not yet counted.
+        """
+        pred = case.prediction
+        closes = pred.time + self.model.label_window + self.model.label_grace
+        closed = self.watermark is not None and self.watermark >= closes
+        result = self.definition.evaluate(pred.time, self.model.label_window,
+                                          list(self._facts.get(pred.subject, {}).values()), closed)
+        if result is None:
+            self._pending[pred.resource_id] = pred
+            self._by_subject[pred.subject].add(pred.resource_id)
+            heapq.heappush(self._expiry, (closes, pred.resource_id))
+            return True, None
+        if result[0] is case.label:
+            return False, case
+        return True, self._emit(pred, *result)
+
     def prune_facts(self, older_than: datetime) -> None:
         """Drop the facts of subjects with nothing pending once all are too old to matter (bounded state)."""
         for subject in [s for s, facts in self._facts.items()

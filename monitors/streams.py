@@ -84,6 +84,9 @@ class Stream:
     run_sumsq: float = 0.0
     prev_stat: float = 0.0
     alarms: int = 0
+    since_alarm_n: int = 0  # observations since the last alarm, and their sum: is the stream back in control?
+    since_alarm_sum: float = 0.0
+    corrections: int = 0  # observations changed after they were counted (amended or retracted outcomes)
     points: dict[datetime, DayPoint] = field(default_factory=dict)
     last_point: DayPoint | None = None  # the day most recently updated: observations come in runs of one day
 
@@ -152,6 +155,61 @@ class StreamMonitor:
         waiting = [at for m, at in self.complete_at.items() if m not in self._active]
         self._next_completion = min(waiting) if waiting else None
         return signals
+
+    def back_in_control(self, key: StreamKey) -> bool:
+        """Whether an alerted stream performs as designed again: since its last alarm at least ``min_n`` observations
+        whose rate is no worse than the in-control rate its chart was designed for (scores: a mean within half the
+        design shift). A change that persists keeps the rate at the out-of-control level, so its alert stays open."""
+        s = self.streams.get(key)
+        if s is None or s.detector is None or s.since_alarm_n < self.min_n:
+            return False
+        mean = s.since_alarm_sum / s.since_alarm_n
+        if key.metric in MEAN_METRICS:
+            return abs(_logit(mean) - s.centre) <= 0.5 * self.cfg.ewma_shift * s.sd
+        return mean <= s.detector.p0
+
+    def correct(self, metric: str, site: str, cells: list[str], old: float, new: float | None,
+                event_time: datetime) -> None:
+        """An observation already counted changed (``new``) or was withdrawn (``new`` None): a corrected outcome.
+
+        Before the baseline is complete the baseline sums (or the buffer of early observations) are corrected exactly.
+        Once a stream is active its daily point is corrected, so the performance shown is right, but a sequential
+        detector cannot be rewound: its statistic stands, and the stream counts the correction (``corrections``),
+        which the alert evidence and the dashboards show. Rate metrics only (labels do not change scores).
+        """
+        if metric not in self.complete_at or metric in MEAN_METRICS:
+            return
+        if metric not in self._active:
+            if event_time < self.baseline_end:
+                for stream in self._group(metric, site, cells):
+                    stream.b_n += (new is not None) - 1
+                    stream.b_sum += (new or 0.0) - old
+                    stream.b_raw += (new or 0.0) - old
+                    stream.b_sumsq += (new or 0.0) ** 2 - old * old
+            else:
+                buffer = self._buffer[metric]
+                i = buffer.index((site, cells, old, event_time))
+                if new is None:
+                    del buffer[i]
+                else:
+                    buffer[i] = (site, cells, new, event_time)
+            return
+        if event_time < self.baseline_end:
+            self.late_baseline[metric] += 1  # the baseline is calibrated and frozen
+            return
+        day = event_time.replace(hour=0, minute=0, second=0, microsecond=0)
+        for stream in self._group(metric, site, cells):
+            point = stream.points.get(day)
+            if stream.detector is None or point is None:
+                continue
+            stream.corrections += 1
+            point.n += (new is not None) - 1
+            point.total += (new or 0.0) - old
+            point.total_sq += (new or 0.0) ** 2 - old * old
+            point.stored = False
+            if point.n == 0:
+                del stream.points[day]
+                stream.last_point = None
 
     # --- internals -------------------------------------------------------------------------------------
 
@@ -234,8 +292,11 @@ class StreamMonitor:
             point.total_sq += x * x
             point.statistic, point.threshold = d.statistic, d.threshold
             point.stored = False
+            s.since_alarm_n += 1
+            s.since_alarm_sum += x
             if alarm:
                 signals.append(self._signal(s, watermark))
+                s.since_alarm_n, s.since_alarm_sum = 0, 0.0
                 d.reset()
                 s.run_start, s.prev_stat = None, 0.0
             else:

@@ -1,22 +1,29 @@
 """The REST API (`vigil serve`) over HTTP against a real SQLite store file: list/filter/show, the ack → resolve
 lifecycle with the audit chain verifying afterwards, time-boxed silences, comments, clear 4xx errors, and the access
-record of every read. One test repeats the lifecycle on a real PostgreSQL, where the audit log refuses edits."""
+record of every read. One test repeats the lifecycle on a real PostgreSQL, where the audit log refuses edits.
+Ticket actions (start, acceptance → C2 / C2-F, close, reclassify), the FHIR Task export and the dataset manifest run
+on real classifier output against the example PCCPs."""
 
 from __future__ import annotations
 
 import hashlib
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from fhir.resources.R4B.task import Task
 from sqlalchemy import select, text, update
 from sqlalchemy.exc import DBAPIError
+from test_ticket_lifecycle import M2_FAIL_80, build_store, m2_results
 
+from retrain_trigger.manifest import verify_manifest
 from vigil import alert_actions, audit, auth, store
 from vigil.api import create_app
+from vigil.settings import load_settings
 from vigil.store import AlertCommentRow, AlertRow, ApiTokenRow, AuditRow, OutboxRow, TicketRow
 
 T0 = datetime(2026, 9, 1, 8, 0, tzinfo=UTC)
@@ -460,3 +467,216 @@ def test_transition_listeners_write_in_the_same_transaction(url, tokens, db):
             ("A-000001", "resolved", {"by": "safety_officer-1"})]
         assert s.get(AlertRow, "A-000002").state == "firing"
         assert s.scalars(select(AuditRow.action).where(AuditRow.entity_id == "A-000002")).all() == []
+
+
+# --- ticket actions, FHIR Task and dataset manifest (issue 7, Build §5) ----------------------------------------------
+# Real classifier output on a real store: ``test_ticket_lifecycle.build_store`` stores the scanner-upgrade ticket
+# T-000001 (C2 via the example CTA PCCP's M2, site-b) and the AKI ticket T-000002, with labeled cases.
+
+@pytest.fixture(scope="module")
+def tickets_seeded(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """One store with the two classified tickets, their cases and a token per role; each test gets a copy."""
+    path = tmp_path_factory.mktemp("tickets") / "tickets.db"
+    build_store(f"sqlite:///{path}")
+    sessions = store.session_factory(f"sqlite:///{path}")
+    with sessions() as s, s.begin():
+        tokens = {role: auth.create_token(s, f"{role}-1", role, actor="test-admin") for role in store.ROLES}
+    sessions.kw["bind"].dispose()
+    with sqlite3.connect(path) as con:  # everything into the main file, so copying it copies the store
+        con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return path, tokens
+
+
+@pytest.fixture
+def ticket_env(tmp_path, tickets_seeded) -> Iterator[tuple[TestClient, dict[str, str], object]]:
+    shutil.copyfile(tickets_seeded[0], tmp_path / "tickets.db")
+    url = f"sqlite:///{tmp_path / 'tickets.db'}"
+    sessions = store.session_factory(url)
+    with TestClient(create_app(url)) as c:
+        yield c, tickets_seeded[1], sessions
+    sessions.kw["bind"].dispose()
+
+
+def test_engineer_runs_a_ticket_through_failed_and_passed_acceptance_to_closed(ticket_env):
+    client, tokens, sessions = ticket_env
+    eng = h(tokens, "engineer")
+    r = client.post("/tickets/T-000001/start", headers=eng)
+    assert r.status_code == 200, r.text
+    assert (r.json()["from_status"], r.json()["to_status"], r.json()["by"]) == ("open", "in_progress", "engineer-1")
+
+    failed = {"passed": False, "results": m2_results(M2_FAIL_80), "evidence_ref": "VV-2025-031"}
+    r = client.post("/tickets/T-000001/acceptance", json=failed, headers=eng)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["from_category"], body["to_category"], body["to_status"]) == ("C2", "C2-F", "acceptance_recorded")
+    assert body["ticket"]["deployable"] is False
+    assert body["ticket"]["acceptance"]["failed_criteria"] == [M2_FAIL_80]
+    assert body["ticket"]["rationale"][-1][0] == "R6" and "C2-F" in body["ticket"]["rationale"][-1][1]
+
+    assert client.post("/tickets/T-000001/start", headers=eng).json()["to_status"] == "in_progress"  # re-test
+    passed = {"passed": True, "results": m2_results(), "evidence_ref": "VV-2025-032"}
+    r = client.post("/tickets/T-000001/acceptance", json=passed, headers=h(tokens, "admin"))
+    assert r.status_code == 200, r.text
+    assert (r.json()["to_category"], r.json()["ticket"]["deployable"]) == ("C2", True)
+
+    r = client.post("/tickets/T-000001/close", json={"comment": "M2 implemented; labeling updated"}, headers=eng)
+    assert r.status_code == 200 and r.json()["to_status"] == "closed"
+    shown = client.get("/tickets/T-000001", headers=h(tokens, "viewer")).json()
+    assert (shown["status"], shown["category"], shown["deployable"]) == ("closed", "C2", True)
+    assert shown["evidence"]["closure"]["by"] == "engineer-1"
+
+    with sessions() as s:
+        entries = s.scalars(select(AuditRow).where(AuditRow.entity_id == "T-000001", AuditRow.action.like("ticket.%"))
+                            .order_by(AuditRow.seq)).all()
+        assert [(e.action, e.actor) for e in entries] == [
+            ("ticket.opened", "vigil-pipeline"), ("ticket.started", "engineer-1"),
+            ("ticket.acceptance_recorded", "engineer-1"), ("ticket.started", "engineer-1"),
+            ("ticket.acceptance_recorded", "admin-1"), ("ticket.closed", "engineer-1")]
+        assert entries[2].payload["role"] == "engineer" and entries[2].payload["via"] == "api/token"
+        assert entries[2].payload["to"] == {"status": "acceptance_recorded", "category": "C2-F"}
+        assert audit.verify(s).ok
+
+
+def test_ticket_action_conflicts_are_409_with_the_status_and_what_is_allowed(ticket_env):
+    client, tokens, _ = ticket_env
+    eng = h(tokens, "engineer")
+    passed = {"passed": True, "results": m2_results(), "evidence_ref": "VV-1"}
+    r = client.post("/tickets/T-000001/acceptance", json=passed, headers=eng)
+    assert r.status_code == 409
+    assert r.json() == {
+        "detail": "ticket T-000001 is open; it cannot become acceptance_recorded. Allowed next: in_progress or closed",
+        "ticket_id": "T-000001", "status": "open", "allowed_next": ["in_progress", "closed"]}
+    client.post("/tickets/T-000001/start", headers=eng)
+    partial = {**passed, "results": {k: v for k, v in m2_results().items() if k != "full-device V&V"}}
+    r = client.post("/tickets/T-000001/acceptance", json=partial, headers=eng)
+    assert r.status_code == 409 and "missing: full-device V&V" in r.json()["detail"]
+    r = client.post("/tickets/T-000001/acceptance", json={**passed, "results": {"auroc": 0.8}}, headers=eng)
+    assert r.status_code == 409 and "M2 has no acceptance criteria ['auroc']" in r.json()["detail"]
+    assert client.get("/tickets/T-000001", headers=eng).json()["status"] == "in_progress"  # nothing recorded
+    client.post("/tickets/T-000002/close", json={"comment": "monitoring only"}, headers=eng)
+    r = client.post("/tickets/T-000002/reclassify", json={"remedy": "recalibration"}, headers=eng)
+    assert r.status_code == 409 and r.json()["status"] == "closed" and r.json()["allowed_next"] == []
+    assert "only open, in_progress, acceptance_recorded tickets can be reclassified" in r.json()["detail"]
+
+
+def test_ticket_action_bodies_are_validated_field_by_field(ticket_env):
+    client, tokens, _ = ticket_env
+    eng = h(tokens, "engineer")
+    client.post("/tickets/T-000001/start", headers=eng)
+    for path, body, loc in (
+        ("acceptance", {"passed": True, "results": m2_results(), "evidence_ref": ""}, ["body", "evidence_ref"]),
+        ("acceptance", {"passed": True, "results": {}, "evidence_ref": "VV"}, ["body", "results"]),
+        ("acceptance", {"results": m2_results(), "evidence_ref": "VV"}, ["body", "passed"]),
+        ("close", {"comment": ""}, ["body", "comment"]),
+        ("close", {"comment": "x", "by": "someone-else"}, ["body", "by"]),
+        ("reclassify", {"remedy": "retrain_harder"}, ["body", "remedy"]),
+    ):
+        r = client.post(f"/tickets/T-000001/{path}", json=body, headers=eng)
+        assert r.status_code == 422, (path, body, r.text)
+        assert r.json()["detail"][0]["loc"][:len(loc)] == loc, (path, r.json())
+    assert "retrain_same_arch_new_data" in client.post("/tickets/T-000001/reclassify", json={"remedy": "x"},
+                                                       headers=eng).text  # the error lists the remedies
+    mixed = {"passed": False, "evidence_ref": "VV-9",
+             "results": {M2_FAIL_80: {"value": -0.08, "passed": False}, "full-device V&V": True}}
+    r = client.post("/tickets/T-000001/acceptance", json=mixed, headers=eng)
+    assert r.status_code == 200, r.text
+    results = r.json()["ticket"]["acceptance"]["results"]
+    assert results == {M2_FAIL_80: {"value": -0.08, "passed": False},
+                       "full-device V&V": {"value": True, "passed": None}}
+
+
+def test_reclassify_over_http_gives_the_new_remedys_category(ticket_env):
+    client, tokens, sessions = ticket_env
+    r = client.post("/tickets/T-000001/reclassify", json={"remedy": "retrain_arch_change"},
+                    headers=h(tokens, "engineer"))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["from_category"], body["to_category"], body["to_status"]) == ("C2", "C5", "open")
+    assert body["ticket"]["remedy"] == "retrain_arch_change" and body["ticket"]["matched_mod"] is None
+    assert "new Traditional 510(k)" in body["ticket"]["rationale"][-1][1]
+    with sessions() as s:
+        [entry] = s.scalars(select(AuditRow).where(AuditRow.action == "ticket.reclassified")).all()
+    assert (entry.actor, entry.payload["role"], entry.payload["from"]["category"], entry.payload["to"]["category"]) \
+        == ("engineer-1", "engineer", "C2", "C5")
+
+
+def test_an_invalid_pccp_file_is_422_naming_the_file(tmp_path, ticket_env):
+    _, tokens, sessions = ticket_env
+    broken = tmp_path / "pccp-broken.yaml"
+    broken.write_text("pccp:\n  pccp_id: X\n  colour: blue\n")
+    settings = load_settings()
+    settings.model("cta-stenosis").pccp = broken
+    url = str(sessions.kw["bind"].url)
+    with TestClient(create_app(url, settings=settings)) as c:
+        r = c.post("/tickets/T-000001/reclassify", json={"remedy": "recalibration"}, headers=h(tokens, "engineer"))
+    assert r.status_code == 422
+    [error] = r.json()["detail"]
+    assert error["loc"] == ["pccp"] and str(broken) in error["msg"] and "does not validate" in error["msg"]
+    with sessions() as s:
+        assert s.get(TicketRow, "T-000001").remedy == "new_input_source_same_type"
+
+
+def test_fhir_task_export_validates_and_follows_the_ticket(ticket_env):
+    client, tokens, sessions = ticket_env
+    r = client.get("/tickets/T-000001/fhir-task", headers=h(tokens, "viewer"))
+    assert r.status_code == 200 and r.headers["content-type"].startswith("application/fhir+json")
+    task = Task.model_validate(r.json())
+    assert (task.id, task.status, task.intent, task.code.coding[0].code) == ("T-000001", "requested", "proposal", "C2")
+    assert task.for_fhir.identifier.value == "00850012345001"  # the device's UDI-DI
+    eng = h(tokens, "engineer")
+    client.post("/tickets/T-000001/start", headers=eng)
+    client.post("/tickets/T-000001/acceptance", headers=eng,
+                json={"passed": False, "results": m2_results(M2_FAIL_80), "evidence_ref": "VV-7"})
+    failed = client.get("/tickets/T-000001/fhir-task", headers=eng).json()
+    assert failed["status"] == "failed" and failed["output"][0]["valueBoolean"] is False
+    assert client.get("/tickets/T-999999/fhir-task", headers=eng).status_code == 404
+    with sessions() as s:
+        reads = s.scalars(select(AuditRow).where(AuditRow.action == "api.read").order_by(AuditRow.seq)).all()
+    assert [(e.actor, e.entity_id, e.payload["part"]) for e in reads] == [
+        ("viewer-1", "T-000001", "fhir-task"), ("engineer-1", "T-000001", "fhir-task")]
+
+
+def test_manifest_lists_the_windows_cases_with_a_verifiable_hash_and_no_subjects(ticket_env):
+    client, tokens, sessions = ticket_env
+    r = client.get("/tickets/T-000001/manifest", headers=h(tokens, "viewer"))
+    assert r.status_code == 200, r.text
+    manifest = r.json()
+    # site-b cases predicted T0 + (6i - 10) days, i = 0..5; the window is T0 .. T0 + 25 days: i = 2..5
+    assert manifest["sites"] == ["site-b"] and manifest["case_count"] == 4
+    assert [c["prediction_id"] for c in manifest["cases"]] == [f"ra-site-b-{i:03d}" for i in (2, 3, 4, 5)]
+    assert "subj-secret" not in r.text and "enc-site" not in r.text
+    with sessions() as s:
+        assert verify_manifest(s, manifest).ok
+        [read] = s.scalars(select(AuditRow).where(AuditRow.action == "api.read")).all()
+    assert (read.payload["part"], read.payload["case_count"], read.payload["sha256"]) == (
+        "manifest", 4, manifest["content_hash"]["sha256"])
+    wider = client.get("/tickets/T-000001/manifest", headers=h(tokens, "viewer"),
+                       params={"start": "2025-02-01T00:00:00Z", "end": "2025-04-30T00:00:00Z",
+                               "site": ["site-a", "site-b"]}).json()
+    assert wider["sites"] == ["site-a", "site-b"] and wider["case_count"] == 12
+    naive = client.get("/tickets/T-000001/manifest", headers=h(tokens, "viewer"),
+                       params={"start": "2025-02-01T00:00:00", "end": "2025-04-30T00:00:00Z"})
+    assert naive.status_code == 422 and naive.json()["detail"][0]["loc"] == ["query", "start"]
+    backwards = client.get("/tickets/T-000001/manifest", headers=h(tokens, "viewer"),
+                           params={"start": "2025-04-01T00:00:00Z", "end": "2025-03-01T00:00:00Z"})
+    assert backwards.status_code == 422 and "before it starts" in backwards.json()["detail"][0]["msg"]
+
+
+def test_unknown_tickets_are_404_on_every_ticket_endpoint(ticket_env):
+    client, tokens, _ = ticket_env
+    for method, path, body in (("get", "fhir-task", None), ("get", "manifest", None), ("post", "start", None),
+                               ("post", "acceptance", {"passed": True, "results": {"x": 1}, "evidence_ref": "V"}),
+                               ("post", "close", {"comment": "x"}), ("post", "reclassify", {"remedy": "rollback"})):
+        r = client.request(method, f"/tickets/T-000404/{path}", json=body, headers=h(tokens, "admin"))
+        assert r.status_code == 404, (path, r.text)
+        assert r.json()["detail"] == "no ticket T-000404 in the store (list them with GET /tickets)"
+
+
+def test_openapi_documents_the_ticket_actions_errors(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for action in ("start", "acceptance", "close", "reclassify"):
+        responses = paths[f"/tickets/{{ticket_id}}/{action}"]["post"]["responses"]
+        assert {"200", "401", "403", "404", "409"} <= set(responses), action
+        assert responses["409"]["content"]["application/json"]["schema"]["$ref"].endswith("TicketConflictOut")
+    assert "422" in paths["/tickets/{ticket_id}/acceptance"]["post"]["responses"]
+    assert "application/fhir+json" in paths["/tickets/{ticket_id}/fhir-task"]["get"]["responses"]["200"]["content"]

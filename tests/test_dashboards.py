@@ -321,7 +321,7 @@ def test_docker_compose_config_accepts_the_file_and_demands_the_secrets() -> Non
 
 def test_dockerfile_installs_every_package_and_runs_as_non_root() -> None:
     lines = [line.split() for line in (ROOT / "Dockerfile").read_text().splitlines() if line and line[0] != "#"]
-    assert [words[1] for words in lines if words[0] == "FROM"] == ["python:3.11-slim", "python:3.11-slim"]
+    assert [words[1] for words in lines if words[0] == "FROM"] == ["python:3.11.7-slim-bookworm"] * 2
     copied = {words[1] for words in lines if words[0] == "COPY" and not words[1].startswith("--")}
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     assert {p.rstrip("*") for p in packages["include"]} <= copied

@@ -1,4 +1,4 @@
-"""The REST API of `vigil serve`: read and act on alerts, read tickets, verify the audit log (issue 6, Build §4–5).
+"""The REST API of `vigil serve`: read and act on alerts and retraining tickets, verify the audit log (issues 6 and 7).
 
 Every call except ``GET /healthz`` needs ``Authorization: Bearer <token>`` (RFC 6750; create tokens with
 `vigil tokens create`). Missing or invalid credentials get 401 with ``WWW-Authenticate: Bearer``; a valid token whose
@@ -7,8 +7,13 @@ role lacks the permission gets 403 naming the roles that have it (``vigil.auth.R
 Every read of alerts, comments or tickets appends an ``api.read`` entry to the hash-chained audit log in the same
 transaction as the read — who (token name and role), which entity, when — the access record HIPAA asks for
 (45 CFR 164.312(b), audit controls). If that entry cannot be written, the read fails. Alert actions go through
-``vigil.alert_actions``, like the CLI, and are audit-logged there. Responses hold no patient identifiers: alerts and
-tickets carry none, and no endpoint exposes cases.
+``vigil.alert_actions`` and ticket actions (start, acceptance, close, reclassify) through ``vigil.ticket_actions``,
+like the CLI, and are audit-logged there with the caller's role. Responses hold no patient identifiers: alerts and
+tickets carry none, and no endpoint exposes cases (a dataset manifest lists pseudonymous prediction resource ids and
+content digests, never subject or encounter keys).
+
+Reclassifying and recording acceptance need the model's PCCP: ``create_app(settings=...)`` names it per model
+(``models[].pccp``), defaulting to the embedded example configuration.
 """
 
 from __future__ import annotations
@@ -26,9 +31,14 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from vigil import __version__, alert_actions, audit
+from retrain_trigger.fhir_task import TaskValidationError, ticket_to_task
+from retrain_trigger.lifecycle import NEXT_STATES, deployable
+from retrain_trigger.manifest import ManifestError, build_manifest
+from retrain_trigger.pccp import REMEDY_TYPES, PccpError
+from vigil import __version__, alert_actions, audit, ticket_actions
 from vigil.auth import PERMISSION_TEXT, Authenticator, Permission, Principal, TokenAuthenticator, roles_with
 from vigil.domain import AlertState
+from vigil.settings import Settings, load_settings
 from vigil.store import (
     ALERT_STATES,
     PCCP_CATEGORIES,
@@ -155,6 +165,8 @@ class TicketSummaryOut(BaseModel):
     created_at: datetime
     updated_at: datetime
     alert_ids: list[str]
+    deployable: bool = Field(description="C2 with a passed acceptance for the current remedy: the modification may "
+                                         "be implemented under the PCCP.")
 
 
 class TicketOut(TicketSummaryOut):
@@ -162,6 +174,24 @@ class TicketOut(TicketSummaryOut):
     required_actions: list[Any]
     evidence: dict[str, Any] = Field(description="Signal evidence and data lineage (no patient data).")
     acceptance: dict[str, Any] | None
+
+
+class TicketActionOut(BaseModel):
+    ticket_id: str
+    action: str = Field(examples=["start", "acceptance", "close", "reclassify"])
+    from_status: str
+    to_status: str
+    from_category: str
+    to_category: str
+    by: str = Field(description="Token name of who acted (also in the audit log).")
+    at: datetime
+    ticket: TicketOut
+
+
+class TicketConflictOut(ErrorOut):
+    ticket_id: str
+    status: str | None = Field(description="The ticket's current status.")
+    allowed_next: list[str] = Field(description="Statuses the ticket may move to from here.")
 
 
 class TicketPage(BaseModel):
@@ -208,6 +238,43 @@ class CommentIn(_Body):
     text: str = Field(min_length=1, max_length=alert_actions.MAX_TEXT)
 
 
+class CriterionIn(_Body):
+    value: float | bool | None = Field(default=None, description="The measured value (e.g. a CI bound or margin).")
+    passed: bool | None = Field(default=None, description="The verdict on this criterion, if the protocol gives one.")
+
+
+class AcceptanceIn(_Body):
+    """The Modification Protocol's result (pccp.md §8.4 R6): pass keeps the ticket C2, fail makes it C2-F."""
+
+    passed: bool = Field(description="The protocol's overall verdict.")
+    results: dict[str, bool | float | CriterionIn] = Field(
+        min_length=1, description="Criterion → value or {value, passed}. Criteria are named as in the PCCP, e.g. "
+                                  "\"sensitivity equivalence vs original\", \"sensitivity [age_band=80+] vs "
+                                  "last_modified\", \"full-device V&V\"; a pass needs every one, a fail must mark "
+                                  "the failed ones.",
+        examples=[{"sensitivity equivalence vs original": 0.01,
+                   "sensitivity [age_band=80+] vs original": {"value": -0.08, "passed": False}}])
+    evidence_ref: str = Field(min_length=1, max_length=alert_actions.MAX_TEXT,
+                              description="The test report (document id or URL).", examples=["VV-2025-031"])
+
+    def plain_results(self) -> dict[str, Any]:
+        return {k: v.model_dump(exclude_unset=True) if isinstance(v, CriterionIn) else v
+                for k, v in self.results.items()}
+
+
+class CloseIn(_Body):
+    comment: str = Field(min_length=1, max_length=alert_actions.MAX_TEXT,
+                         description="What was done, or why nothing is (kept on the ticket and in the audit log).")
+
+
+RemedyChoice = StrEnum("RemedyChoice", {r: r for r in REMEDY_TYPES})
+
+
+class ReclassifyIn(_Body):
+    remedy: RemedyChoice = Field(description="The remedy the engineer proposes (pccp.md §8.3 remedy types).",
+                                 examples=["retrain_same_arch_new_data"])
+
+
 StateFilter = StrEnum("StateFilter", {s: s for s in ALERT_STATES})
 SeverityFilter = StrEnum("SeverityFilter", {s: s for s in SEVERITIES})
 TicketStatusFilter = StrEnum("TicketStatusFilter", {s: s for s in TICKET_STATUSES})
@@ -227,6 +294,12 @@ UNAUTHORIZED = {"model": ErrorOut, "description": "No bearer token, or it is unk
 FORBIDDEN = {"model": ErrorOut, "description": "The token's role lacks the permission; the message names the roles."}
 NOT_FOUND = {"model": ErrorOut, "description": "No such alert or ticket."}
 CONFLICT = {"model": TransitionErrorOut, "description": "The alert's state does not allow this action."}
+TICKET_CONFLICT = {"model": TicketConflictOut,
+                   "description": "The ticket's lifecycle or its PCCP does not allow this now (wrong status, a "
+                                  "criterion missing or unknown, a remedy the PCCP does not cover, no PCCP "
+                                  "configured for the model); the message says what to do."}
+UNPROCESSABLE = {"description": "A malformed body or parameter, or the model's PCCP file is invalid (FastAPI's "
+                                "validation shape: `detail` is a list of `{loc, msg, type}`)."}
 AUTH_ERRORS: dict[int | str, dict[str, Any]] = {401: UNAUTHORIZED, 403: FORBIDDEN}
 
 
@@ -269,18 +342,21 @@ def require(permission: Permission) -> Callable[[Principal], Principal]:
 Reader = Annotated[Principal, Depends(require(Permission.READ_ALERTS))]
 Actor = Annotated[Principal, Depends(require(Permission.ACT_ON_ALERTS))]
 TicketReader = Annotated[Principal, Depends(require(Permission.READ_TICKETS))]
+TicketActor = Annotated[Principal, Depends(require(Permission.ACT_ON_TICKETS))]
 Auditor = Annotated[Principal, Depends(require(Permission.VERIFY_AUDIT))]
 
 # --- the app ---------------------------------------------------------------------------------------------------------
 
 
 def create_app(store_url: str, *, extra_routers: Iterable[APIRouter] = (),
-               authenticators: Sequence[Authenticator] | None = None) -> FastAPI:
+               authenticators: Sequence[Authenticator] | None = None, settings: Settings | None = None) -> FastAPI:
     """The API on the store at ``store_url`` (already upgraded: `vigil serve` runs ``vigil.store.upgrade`` first).
 
     One engine for the app's lifetime, disposed at shutdown. ``extra_routers`` are mounted as given (the Prometheus
     ``/metrics`` and the FHIR subscription webhook plug in here); they protect themselves with ``require``.
     ``authenticators`` default to vigil's own bearer tokens; an OIDC/JWT verifier can be added to the sequence.
+    ``settings`` name each model's PCCP for reclassifying and recording acceptance (default: the embedded example
+    configuration, ``load_settings()``).
     """
     sessions = session_factory(store_url)
 
@@ -297,8 +373,9 @@ def create_app(store_url: str, *, extra_routers: Iterable[APIRouter] = (),
             "Authenticate every call (except `/healthz`) with `Authorization: Bearer <token>`; an admin issues tokens "
             "with `vigil tokens create NAME --role viewer|safety_officer|engineer|admin`.\n\n"
             "Roles: **viewer** reads alerts and tickets; **safety_officer** also acknowledges, resolves, silences "
-            "and comments on alerts; **engineer** reads (ticket actions to come) but does not act on alerts; "
-            "**admin** may do everything, including verifying the audit log.\n\n"
+            "and comments on alerts; **engineer** also starts, records acceptance for, closes and reclassifies "
+            "retraining tickets, but does not act on alerts; **admin** may do everything, including verifying the "
+            "audit log.\n\n"
             "Every read and every action is recorded in the hash-chained audit log under the token's name. "
             "Errors are JSON `{\"detail\": \"...\"}` saying what was wrong and what to do; 422 (a malformed "
             "body or parameter, or a value that cannot be used such as a silence end in the past) uses FastAPI's "
@@ -307,12 +384,14 @@ def create_app(store_url: str, *, extra_routers: Iterable[APIRouter] = (),
         lifespan=lifespan,
         openapi_tags=[
             {"name": "alerts", "description": "Drift alerts and their lifecycle."},
-            {"name": "tickets", "description": "Retraining tickets with their PCCP category (read-only here)."},
+            {"name": "tickets", "description": "Retraining tickets with their PCCP category: lifecycle, FHIR Task "
+                                               "export and dataset manifest."},
             {"name": "audit", "description": "The tamper-evident audit log."},
             {"name": "health", "description": "Liveness, without authentication."},
         ],
     )
     app.state.sessions = sessions
+    app.state.settings = settings if settings is not None else load_settings()
     app.state.authenticators = tuple(authenticators) if authenticators is not None else (TokenAuthenticator(sessions),)
 
     @app.exception_handler(alert_actions.AlertNotFound)
@@ -331,6 +410,37 @@ def create_app(store_url: str, *, extra_routers: Iterable[APIRouter] = (),
         as FastAPI's own validation errors, so a client reads every 422 one way."""
         error = {"type": "value_error", "loc": ["body", exc.field], "msg": str(exc)}
         return JSONResponse({"detail": [error]}, status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+    @app.exception_handler(ticket_actions.TicketNotFound)
+    async def _ticket_not_found(_request: Request, exc: ticket_actions.TicketNotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc).replace("`vigil tickets list`", "GET /tickets")},
+                            status.HTTP_404_NOT_FOUND)
+
+    @app.exception_handler(ticket_actions.TicketLifecycleError)
+    async def _ticket_conflict(request: Request, exc: ticket_actions.TicketLifecycleError) -> JSONResponse:
+        ticket_id = str(request.path_params.get("ticket_id", ""))
+        with request.app.state.sessions() as session:  # the request's transaction was rolled back: read afresh
+            row = session.get(TicketRow, ticket_id)
+            current = row.status if row is not None else None
+        body = TicketConflictOut(detail=str(exc), ticket_id=ticket_id, status=current,
+                                 allowed_next=list(NEXT_STATES.get(current or "", ())))
+        return JSONResponse(body.model_dump(), status.HTTP_409_CONFLICT)
+
+    @app.exception_handler(PccpError)
+    async def _bad_pccp(_request: Request, exc: PccpError) -> JSONResponse:
+        """The PCCP file the configuration names for the model cannot be used: fix the file (or the config)."""
+        error = {"type": "pccp_invalid", "loc": ["pccp"], "msg": str(exc)}
+        return JSONResponse({"detail": [error]}, status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+    @app.exception_handler(ManifestError)
+    async def _bad_manifest(_request: Request, exc: ManifestError) -> JSONResponse:
+        error = {"type": "value_error", "loc": ["query"], "msg": str(exc)}
+        return JSONResponse({"detail": [error]}, status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+    @app.exception_handler(TaskValidationError)
+    async def _bad_task(_request: Request, exc: TaskValidationError) -> JSONResponse:
+        return JSONResponse({"detail": f"{exc}; this is a vigil defect: report it with the ticket id"},
+                            status.HTTP_500_INTERNAL_SERVER_ERROR)
 
     app.include_router(_health_router())
     app.include_router(_alerts_router())
@@ -487,7 +597,8 @@ def _alerts_router() -> APIRouter:
 
 
 def _ticket_summary(t: TicketRow) -> dict[str, Any]:
-    return {**{c.key: getattr(t, c.key) for c in TicketRow.__table__.columns}, "alert_ids": [a.id for a in t.alerts]}
+    return {**{c.key: getattr(t, c.key) for c in TicketRow.__table__.columns}, "alert_ids": [a.id for a in t.alerts],
+            "deployable": deployable(t)}
 
 
 def _tickets_router() -> APIRouter:
@@ -525,6 +636,97 @@ def _tickets_router() -> APIRouter:
             out = TicketOut.model_validate(_ticket_summary(row))
             _access(s, principal, request, "ticket", ticket_id)
         return out
+
+    @router.get("/{ticket_id}/fhir-task", summary="The ticket as a FHIR R4 Task", response_model=dict[str, Any],
+                responses={404: NOT_FOUND, 200: {"content": {"application/fhir+json": {}},
+                                                 "description": "A FHIR R4 Task, validated with fhir.resources."}},
+                description="For an EMR, QMS or work queue: category and remedy as `code`/`description`, the rule "
+                            "trace in `note`, the model as `focus`, evidence references (alerts, data window, "
+                            "evidence and manifest hashes, reporting clocks) in `input`, a recorded acceptance in "
+                            "`output` (https://hl7.org/fhir/R4/task.html). Access-logged.")
+    def fhir_task(request: Request, principal: TicketReader, ticket_id: TicketId) -> JSONResponse:
+        with _transaction(request) as s:
+            task = ticket_to_task(ticket_actions.get(s, ticket_id))
+            _access(s, principal, request, "ticket", ticket_id, part="fhir-task")
+        return JSONResponse(task, media_type="application/fhir+json")
+
+    @router.get("/{ticket_id}/manifest", summary="The ticket's dataset manifest", response_model=dict[str, Any],
+                responses={404: NOT_FOUND, 422: UNPROCESSABLE},
+                description="The labeled cases of the ticket's model version in its data window at its sites "
+                            "(override with `start`, `end`, `site`): prediction resource ids with per-case "
+                            "digests, source positions, and a SHA-256 over the cases' content, so the retraining "
+                            "data can be reproduced and verified (`vigil tickets verify-manifest`). Computed now, "
+                            "not stored; attach it with `vigil tickets manifest --by`. No subject or encounter "
+                            "keys. Access-logged with the case count and hash.")
+    def manifest(request: Request, principal: TicketReader, ticket_id: TicketId,
+                 start: Annotated[AwareDatetime | None, Query(description="Window start (ISO 8601 with zone).")
+                                  ] = None,
+                 end: Annotated[AwareDatetime | None, Query(description="Window end (ISO 8601 with zone).")] = None,
+                 site: Annotated[list[str] | None, Query(description="Sites (repeatable).")] = None,
+                 ) -> dict[str, Any]:
+        with _transaction(request) as s:
+            data = build_manifest(s, ticket_actions.get(s, ticket_id), start=start, end=end, sites=site)
+            _access(s, principal, request, "ticket", ticket_id, part="manifest", case_count=data["case_count"],
+                    sha256=data["content_hash"]["sha256"])
+        return data
+
+    action_errors: dict[int | str, dict[str, Any]] = {404: NOT_FOUND, 409: TICKET_CONFLICT}
+
+    def _acted(request: Request, principal: Principal, ticket_id: str, action: str,
+               act: Callable[[Session], TicketRow]) -> TicketActionOut:
+        with _transaction(request) as s:
+            before = ticket_actions.get(s, ticket_id, for_update=True)  # the status this action starts from
+            from_status, from_category = before.status, before.category
+            row = act(s)
+            out = TicketActionOut(ticket_id=row.id, action=action, from_status=from_status, to_status=row.status,
+                                  from_category=from_category, to_category=row.category, by=principal.name,
+                                  at=utcnow(), ticket=TicketOut.model_validate(_ticket_summary(row)))
+        return out
+
+    @router.post("/{ticket_id}/start", summary="Start work on a ticket", response_model=TicketActionOut,
+                 responses=action_errors,
+                 description="open → in_progress (or back to in_progress to re-test after a failed acceptance whose "
+                             "root cause is unrelated to the PCCP, S3 §VII.B(3)). Audit-logged with the token's name.")
+    def start(request: Request, principal: TicketActor, ticket_id: TicketId) -> TicketActionOut:
+        return _acted(request, principal, ticket_id, "start",
+                      lambda s: ticket_actions.start(s, ticket_id, principal.name, context=_context(principal)))
+
+    @router.post("/{ticket_id}/acceptance", summary="Record the Modification Protocol's acceptance result",
+                 response_model=TicketActionOut, responses={**action_errors, 422: UNPROCESSABLE},
+                 description="in_progress → acceptance_recorded. A pass must report every criterion of the matched "
+                             "PCCP modification and keeps the ticket C2 (deployable); a fail must mark the failed "
+                             "criteria and makes it C2-F: recorded, never implemented (pccp.md §8.4 R6, S3 "
+                             "§VII.B(3)). `vigil tickets criteria ID` lists the criteria. Audit-logged.")
+    def acceptance(request: Request, principal: TicketActor, ticket_id: TicketId,
+                   body: AcceptanceIn) -> TicketActionOut:
+        settings: Settings = request.app.state.settings
+        return _acted(request, principal, ticket_id, "acceptance",
+                      lambda s: ticket_actions.record_acceptance(
+                          s, settings, ticket_id, principal.name, passed=body.passed, results=body.plain_results(),
+                          evidence_ref=body.evidence_ref, context=_context(principal)))
+
+    @router.post("/{ticket_id}/close", summary="Close a ticket", response_model=TicketActionOut,
+                 responses={**action_errors, 422: UNPROCESSABLE},
+                 description="From open, in_progress or acceptance_recorded; closed is final. The comment is kept on "
+                             "the ticket (evidence.closure) and in the audit log.")
+    def close(request: Request, principal: TicketActor, ticket_id: TicketId, body: CloseIn) -> TicketActionOut:
+        return _acted(request, principal, ticket_id, "close",
+                      lambda s: ticket_actions.close(s, ticket_id, principal.name, body.comment,
+                                                     context=_context(principal)))
+
+    @router.post("/{ticket_id}/reclassify", summary="Reclassify a ticket with another remedy",
+                 response_model=TicketActionOut, responses={**action_errors, 422: UNPROCESSABLE},
+                 description="Re-runs the PCCP classifier (pccp.md §8.4 R0–R9) on the ticket's stored evidence with "
+                             "the proposed remedy, against the PCCP the configuration names for the model. The new "
+                             "category, rule trace and required actions replace the old ones and the ticket returns "
+                             "to open; the audit log keeps both decisions. Not for closed tickets or a passed "
+                             "acceptance.")
+    def reclassify(request: Request, principal: TicketActor, ticket_id: TicketId,
+                   body: ReclassifyIn) -> TicketActionOut:
+        settings: Settings = request.app.state.settings
+        return _acted(request, principal, ticket_id, "reclassify",
+                      lambda s: ticket_actions.reclassify(s, settings, ticket_id, principal.name, body.remedy.value,
+                                                          context=_context(principal)))
 
     return router
 

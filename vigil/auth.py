@@ -41,7 +41,7 @@ class Permission(StrEnum):
     READ_ALERTS = "alerts:read"
     ACT_ON_ALERTS = "alerts:act"  # acknowledge, resolve, silence, unsilence, comment
     READ_TICKETS = "tickets:read"
-    ACT_ON_TICKETS = "tickets:act"  # reclassify, record acceptance (future endpoints)
+    ACT_ON_TICKETS = "tickets:act"  # start, record acceptance, close, reclassify
     VERIFY_AUDIT = "audit:verify"
     MANAGE_TOKENS = "tokens:manage"
 
@@ -50,7 +50,7 @@ PERMISSION_TEXT: Mapping[Permission, str] = {
     Permission.READ_ALERTS: "read alerts",
     Permission.ACT_ON_ALERTS: "acknowledge, resolve, silence or comment on alerts",
     Permission.READ_TICKETS: "read retraining tickets",
-    Permission.ACT_ON_TICKETS: "act on retraining tickets",
+    Permission.ACT_ON_TICKETS: "start, record acceptance for, close or reclassify retraining tickets",
     Permission.VERIFY_AUDIT: "verify the audit log",
     Permission.MANAGE_TOKENS: "manage API tokens",
 }

@@ -212,6 +212,10 @@ def run(
     if paths and streams:
         raise typer.BadParameter("file sources are read whole and sorted, stream sources consumed as they come: "
                                  "configure one or the other per `vigil run`", param_hint="--config")
+    if settings.ticket_feed is not None:  # tickets opened by this run are queued for the feed (`vigil serve` sends)
+        from vigil.ticket_feed import publish_ticket_events
+
+        publish_ticket_events(settings.ticket_feed)
     if paths:
         _run_pipeline(paths, settings, json)
         return

@@ -25,7 +25,8 @@ err = Console(stderr=True)
 StoreOpt = Annotated[str | None, typer.Option("--store", envvar="VIGIL_STORE_URL",
                                               help="Store URL (default sqlite:///vigil.db in the working directory).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Config YAML (default: the embedded example).")]
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", envvar="VIGIL_CONFIG",
+                                         help="Config YAML (env VIGIL_CONFIG; default: the embedded example).")]
 
 
 def store_url(store: str | None) -> str:

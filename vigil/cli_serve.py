@@ -7,14 +7,13 @@ only (``vigil.auth``), and `tokens list` shows names, roles and dates — never 
 from __future__ import annotations
 
 import getpass
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from vigil import auth
-from vigil.cli_common import JsonOpt, StoreOpt, console, err, existing_store, print_json, store_url
+from vigil.cli_common import ConfigOpt, JsonOpt, StoreOpt, console, err, existing_store, print_json, store_url
 from vigil.settings import DEFAULT_CONFIG, load_settings
 from vigil.store import ROLES, session_factory, upgrade
 
@@ -35,8 +34,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on (loopback by default; put TLS in front).")
                     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    config: Annotated[Path, typer.Option("--config", "-c", help="Config YAML (routing of notifications).")
-                      ] = DEFAULT_CONFIG,
+    config: ConfigOpt = DEFAULT_CONFIG,
     store: StoreOpt = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
@@ -46,7 +44,7 @@ def serve(
 
     from fastapi import Depends
 
-    from vigil import notify
+    from vigil import notify, ticket_feed
     from vigil.api import create_app, require
     from vigil.auth import Permission
     from vigil.observability import metrics_router
@@ -54,18 +52,24 @@ def serve(
     settings = load_settings(config, store_url=store)
     url = settings.store_url
     upgrade(url)
-    scheduler = None
+    scheduler = feed_worker = None
     if settings.routing.receivers:
         notify.notify_on_transitions(settings.routing)
         scheduler = notify.start_scheduler(session_factory(url), settings.routing)
+    if settings.ticket_feed is not None:
+        ticket_feed.publish_ticket_events(settings.ticket_feed)
+        feed_worker = ticket_feed.FeedWorker(session_factory(url), settings.ticket_feed)
     console.print(f"vigil API on http://{host}:{port} (docs at /docs), store {url}"
                   + (f", notifying {len(settings.routing.receivers)} receivers" if scheduler else ""))
     try:
         metrics = metrics_router(url, dependencies=[Depends(require(Permission.READ_ALERTS))])
-        uvicorn.run(create_app(url, extra_routers=[metrics]), host=host, port=port, log_level=log_level)
+        uvicorn.run(create_app(url, extra_routers=[metrics], settings=settings), host=host, port=port,
+                    log_level=log_level)
     finally:
         if scheduler is not None:
             scheduler.shutdown()
+        if feed_worker is not None:
+            feed_worker.shutdown()
 
 
 @tokens_app.command("create")

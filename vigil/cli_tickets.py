@@ -30,7 +30,8 @@ from vigil.ticket_actions import TicketLifecycleError, TicketNotFound
 
 tickets_app = typer.Typer(help="Retraining tickets and their PCCP category.", no_args_is_help=True)
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Config YAML naming each model's PCCP "
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", envvar="VIGIL_CONFIG",
+                                         help="Config YAML naming each model's PCCP "
                                                                 "(default: the embedded example).")]
 ByOpt = Annotated[str, typer.Option("--by", help="Who does this (recorded in the audit log).")]
 

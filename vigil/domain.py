@@ -141,7 +141,7 @@ class Case:
     """A prediction joined to its outcome label inside the model's label window."""
 
     prediction: Prediction
-    label: Label
+    label: Label | None  # None: the label was withdrawn (its outcome retracted) and the case waits again
     decision: bool  # score >= the operating threshold
     labeled_at: datetime  # feed time at which the label became known (watermark)
     outcome_definition: str  # id@version of the outcome definition that produced the label

@@ -16,12 +16,17 @@ A failed attempt is recorded (attempts, ``last_error``) and retried after an exp
 success is recorded in the audit log (``notification.delivered``). ``escalate_due`` escalates firing alerts nobody
 acknowledged in time; ``resend_due`` re-sends open alerts to Alertmanager, which expires alerts not re-sent
 (reference/interop.md §6). ``start_scheduler`` runs all three every few seconds with APScheduler.
+
+The same outbox carries other messages than alert notifications (``vigil.ticket_feed``: retraining-ticket events to
+Kafka and a signed webhook). Those rows have their own ``kind`` values and no ``alert_id``; ``queue`` writes one row,
+``deliver_due(kinds=...)`` delivers only the given kinds (alert delivery takes ``ALERT_KINDS``), and rows without an
+alert are kept in order per ``payload["ticket_id"]`` instead.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -47,6 +52,8 @@ ALERTMANAGER_TTL_INTERVALS = 3
 _QUIET_WHEN_SILENCED = ("firing", "resend", "escalation")
 _FOLLOW_UPS = ("acknowledged", "resolved")
 _MAX_PASSES = 20
+ALERT_KINDS = ("alertmanager", "email", "webhook", "chat")
+"""Outbox kinds that are alert notifications (``alerts.routing`` receivers); other kinds belong to other feeds."""
 
 
 def alert_facts(row: AlertRow) -> AlertFacts:
@@ -104,8 +111,6 @@ def enqueue(session: Session, alert_row: AlertRow, event: str, routing: RoutingC
         return []
     facts = alert_facts(alert_row)
     dedupe_key = f"{alert_row.id}:{event}:{alert_row.fire_count}" + (f":{key_suffix}" if key_suffix else "")
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     queued: list[str] = []
     for name in _targets(session, alert_row, facts, event, routing):
         kind = routing.receiver(name).kind
@@ -114,13 +119,23 @@ def enqueue(session: Session, alert_row: AlertRow, event: str, routing: RoutingC
             payload["alerts"][0]["endsAt"] = _rfc3339(now)
         if kind == "webhook":
             payload["delivery_id"] = f"{name}:{dedupe_key}"
-        statement = insert(OutboxRow).values(
-            receiver=name, kind=kind, alert_id=alert_row.id, event=event, dedupe_key=dedupe_key, payload=payload,
-            attempts=0, next_attempt_at=now, created_at=now,
-        ).on_conflict_do_nothing(index_elements=["receiver", "dedupe_key"]).returning(OutboxRow.id)
-        if session.execute(statement).first() is not None:  # no row back: this notification was already queued
+        if queue(session, receiver=name, kind=kind, alert_id=alert_row.id, event=event, dedupe_key=dedupe_key,
+                 payload=payload, now=now):
             queued.append(name)
     return queued
+
+
+def queue(session: Session, *, receiver: str, kind: str, alert_id: str | None, event: str, dedupe_key: str,
+          payload: dict[str, Any], now: datetime) -> bool:
+    """Insert one outbox row in the caller's transaction unless (receiver, dedupe_key) is already queued; True if
+    a row was added. ``INSERT ... ON CONFLICT DO NOTHING`` on PostgreSQL and SQLite, so concurrent enqueuers of the
+    same message add one row."""
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    statement = insert(OutboxRow).values(
+        receiver=receiver, kind=kind, alert_id=alert_id, event=event, dedupe_key=dedupe_key, payload=payload,
+        attempts=0, next_attempt_at=now, created_at=now,
+    ).on_conflict_do_nothing(index_elements=["receiver", "dedupe_key"]).returning(OutboxRow.id)
+    return session.execute(statement).first() is not None  # no row back: this message was already queued
 
 
 def notify_on_transitions(routing: RoutingConfig) -> Callable[[], None]:
@@ -158,16 +173,25 @@ class _Claimed:
     attempts: int
 
 
-def _claim(session_factory: sessionmaker[Session], routing: RoutingConfig, now: datetime) -> list[_Claimed]:
-    """Take up to ``delivery.batch`` due rows for this worker by pushing them one lease into the future."""
+def _claim(session_factory: sessionmaker[Session], routing: RoutingConfig, now: datetime,
+           kinds: Collection[str] = ALERT_KINDS) -> list[_Claimed]:
+    """Take up to ``delivery.batch`` due rows of ``kinds`` for this worker by pushing them one lease into the future.
+
+    A row waits while an older undelivered row to the same receiver is about the same alert — or, for rows about
+    no alert, the same ``payload["ticket_id"]`` — so each receiver gets one subject's messages in order."""
     older = aliased(OutboxRow)
+    same_subject = or_(
+        older.alert_id == OutboxRow.alert_id,
+        and_(older.alert_id.is_(None), OutboxRow.alert_id.is_(None),
+             older.payload["ticket_id"].as_string() == OutboxRow.payload["ticket_id"].as_string()),
+    )
     earlier_pending = exists().where(
-        older.receiver == OutboxRow.receiver, older.alert_id == OutboxRow.alert_id,
-        older.delivered_at.is_(None), older.id < OutboxRow.id,
+        older.receiver == OutboxRow.receiver, same_subject, older.delivered_at.is_(None), older.id < OutboxRow.id,
     )
     statement = (
         select(OutboxRow)
-        .where(OutboxRow.delivered_at.is_(None), OutboxRow.next_attempt_at <= now, ~earlier_pending)
+        .where(OutboxRow.delivered_at.is_(None), OutboxRow.next_attempt_at <= now, OutboxRow.kind.in_(kinds),
+               ~earlier_pending)
         .order_by(OutboxRow.id)
         .limit(routing.delivery.batch)
     )
@@ -200,8 +224,10 @@ def backoff(attempts: int, routing: RoutingConfig) -> timedelta:
 
 def deliver_due(session_factory: sessionmaker[Session], routing: RoutingConfig,
                 now: datetime | None = None, *,
-                notifier: Callable[[str], Notifier] | None = None) -> DeliveryReport:
-    """Send every due outbox row once; record each success (and its audit entry) or failure (and its backoff).
+                notifier: Callable[[str], Notifier] | None = None,
+                kinds: Collection[str] = ALERT_KINDS) -> DeliveryReport:
+    """Send every due outbox row of ``kinds`` once; record each success (and its audit entry) or failure (and its
+    backoff, from ``routing.delivery``).
 
     ``notifier`` maps a receiver name to its notifier (default: built from ``routing``).
     """
@@ -209,7 +235,7 @@ def deliver_due(session_factory: sessionmaker[Session], routing: RoutingConfig,
     report = DeliveryReport()
     make = notifier or (lambda name: notifier_for(routing.receiver(name)))
     for _ in range(_MAX_PASSES):  # a later event of an alert becomes claimable once the earlier one is delivered
-        claimed = _claim(session_factory, routing, now)
+        claimed = _claim(session_factory, routing, now, kinds)
         if not claimed:
             break
         for item in claimed:
@@ -249,7 +275,8 @@ def _delivered(session_factory: sessionmaker[Session], item: _Claimed, now: date
         row.attempts += 1
         row.delivered_at = row.next_attempt_at = now  # next_attempt_at held the claim lease; release it
         row.last_error = None
-        audit.record(session, ACTOR, "notification.delivered", "alert", item.alert_id or "-", {
+        entity, entity_id = ("alert", item.alert_id) if item.alert_id else ("ticket", item.payload.get("ticket_id"))
+        audit.record(session, ACTOR, "notification.delivered", entity, str(entity_id or "-"), {
             "receiver": item.receiver, "kind": item.kind, "event": item.event, "dedupe_key": item.dedupe_key,
             "attempts": row.attempts, "outbox_id": item.id,
         }, at=now)

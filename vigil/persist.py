@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from alerts.lifecycle import identity
 from monitors.streams import Stream, interval
 from alerts.routing import RoutingConfig
-from vigil import __version__, audit, notify
+from vigil import __version__, audit, notify, ticket_actions
 from vigil.alert_actions import OPEN_STATES
 from vigil.domain import AlertState
 from vigil.pipeline import RunResult
@@ -175,7 +175,8 @@ def _state_row(s: Stream) -> dict:
     d = s.detector
     return {**_key(s), "detector": s.detector_name, "status": s.status, "baseline": s.baseline,
             "baseline_n": s.b_n, "n": d.n if d else 0, "threshold": d.threshold if d else None, "arl0": s.arl0,
-            "statistic": d.statistic if d else None, "state": d.state() if d else {}}
+            "statistic": d.statistic if d else None,
+            "state": {**(d.state() if d else {}), "corrections": s.corrections}}
 
 
 def _point_rows(s: Stream, since: datetime, mark: bool) -> list[dict]:
@@ -298,5 +299,6 @@ def _tickets(session, result: RunResult, alert_ids: dict[str, str]) -> dict[str,
             session.get(AlertRow, alert_id).ticket_id = ticket.id
         payload = {k: v for k, v in dataclasses.asdict(draft).items() if k not in ("evidence", "alert_ids")}
         audit.record(session, ACTOR, "ticket.opened", "ticket", ticket.id, {**payload, "alerts": stored_alerts})
+        ticket_actions.opened(session, ticket, ACTOR)
     return ids
 

@@ -38,6 +38,7 @@ from vigil.domain import (
 from vigil.settings import ModelConfig, Settings
 
 REFERENCE_TYPES = (SiteInfo, DeviceInfo, SubjectInfo, EncounterInfo)
+_CORRECTIONS = ("amended", "corrected", "entered-in-error")  # outcome statuses that may change a decided label
 
 
 @dataclass
@@ -50,6 +51,7 @@ class ModelRun:
     monitors: dict[str, StreamMonitor] = field(default_factory=dict)  # by model version
     cases: dict[str, Case] = field(default_factory=dict)  # by prediction resource id: corrections replace
     closing: list[tuple[datetime, int, Case]] = field(default_factory=list)  # heap by window close
+    unreleased: dict[str, set[str]] = field(default_factory=dict)  # subject → labeled cases still before close
     scanners: dict[tuple[str, str], datetime] = field(default_factory=dict)  # (site, device) → first use
 
 
@@ -239,6 +241,33 @@ class Pipeline:
             if run.join.definition.relevant(of):
                 for case in run.join.add_fact(of):
                     self._on_case(run, case, watermark)
+                if fact.status in _CORRECTIONS or fact.version_id not in ("", "1"):
+                    self._recheck(run, fact.subject, watermark)  # it may undo labels it decided
+
+    def _recheck(self, run: ModelRun, subject: str, watermark: datetime) -> None:
+        """Relabel the subject's labeled cases whose window has not closed, from the facts as they are now.
+
+        A positive whose outcome was retracted (or amended below the threshold) goes back to waiting, or becomes
+        negative at its window's close; its ``fnr`` observation is withdrawn from the streams (``correct``) and the
+        stored case is updated. Mixed metrics are counted only at close, so they never need correcting.
+        """
+        for rid in sorted(run.unreleased.get(subject, ())):
+            case = run.cases[rid]
+            changed, new = run.join.recheck(case)
+            if not changed:
+                continue
+            pred = case.prediction
+            self.result.corrections["relabeled: outcome amended or retracted"] += 1
+            run.unreleased[subject].discard(rid)
+            if case.label is Label.POSITIVE:
+                run.monitors[pred.model_version].correct("fnr", pred.site, self._cells(pred), float(not case.decision),
+                                                         None, pred.time)
+            if new is None:  # waits again; stored as unlabeled until then
+                del run.cases[rid]
+                self.result.unsaved[(pred.model_id, rid)] = Case(pred, None, case.decision, watermark,
+                                                                  case.outcome_definition)
+            else:
+                self._on_case(run, new, watermark)
 
     def _on_case(self, run: ModelRun, case: Case, watermark: datetime) -> None:
         """Feed a labeled case to the streams of its model version.
@@ -259,6 +288,8 @@ class Pipeline:
         closes = pred.time + run.config.label_window + run.config.label_grace
         self._seq += 1
         heapq.heappush(run.closing, (closes, self._seq, case))
+        if closes > watermark:  # until then a corrected outcome may still relabel it
+            run.unreleased.setdefault(pred.subject, set()).add(pred.resource_id)
 
     def _release_all(self, watermark: datetime) -> None:
         for run in self.result.models.values():
@@ -273,8 +304,13 @@ class Pipeline:
         while run.closing and run.closing[0][0] <= watermark:
             case = heapq.heappop(run.closing)[2]
             pred = case.prediction
-            if run.cases.get(pred.resource_id) is not case:  # retracted since
+            if run.cases.get(pred.resource_id) is not case:  # retracted or relabeled since
                 continue
+            waiting = run.unreleased.get(pred.subject)
+            if waiting is not None:
+                waiting.discard(pred.resource_id)
+                if not waiting:
+                    del run.unreleased[pred.subject]
             observe = run.monitors[pred.model_version].observe
             positive = case.label is Label.POSITIVE
             cells_ = self._cells(pred)
@@ -298,9 +334,14 @@ class Pipeline:
                 self._signals(monitor.advance(watermark))
         after = self.settings.monitors.auto_resolve_after
         if new_day and after is not None:
-            self.result.alerts.auto_resolve(watermark, after)
+            self.result.alerts.auto_resolve(watermark, after, self._in_control)
 
     # --- helpers ---------------------------------------------------------------------------------------
+
+    def _in_control(self, alert) -> bool:
+        key = alert.signal.stream
+        monitor = self.result.models[key.model].monitors.get(key.version)
+        return monitor is not None and monitor.back_in_control(key)
 
     def _monitor(self, run: ModelRun, pred: Prediction) -> StreamMonitor:
         """The streams of this prediction's model version: a new version is monitored against its own baseline."""

@@ -20,6 +20,7 @@ from ingest.bulk_export import BulkDirectorySourceConfig, BulkExportSourceConfig
 from ingest.kafka_source import KafkaSourceConfig
 from ingest.rest_poll import FhirHttpConfig, RestPollSourceConfig
 from ingest.subscription import SubscriptionConfig
+from vigil.ticket_feed import TicketFeedConfig
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 DEFAULT_CONFIG = EXAMPLES_DIR / "vigil.yaml"
@@ -131,6 +132,8 @@ class Settings(BaseSettings):
     deid_policy: Literal["strip", "quarantine"] = "strip"
     sources: list[AnySource] = Field(default_factory=list)
     routing: RoutingConfig = RoutingConfig()
+    ticket_feed: TicketFeedConfig | None = Field(
+        None, description="publish ticket events to a Kafka topic keyed by device and/or a signed webhook")
     terminology: TerminologyServerConfig | None = Field(
         None, description="a licensed FHIR terminology server asked for codes no local ConceptMap covers")
     concept_maps: list[Path] = Field(default_factory=list)
@@ -158,7 +161,8 @@ class Settings(BaseSettings):
     def analysis_hash(self) -> str:
         """Hash of what decides the results (models, outcomes, maps, subgroups, monitors, de-identification), not of
         where data comes from or goes: a pipeline checkpoint stays valid when a broker address or receiver changes."""
-        blob = self.model_dump_json(exclude={"subject_key", "config_path", "sources", "routing", "store_url"})
+        blob = self.model_dump_json(exclude={"subject_key", "config_path", "sources", "routing", "store_url",
+                                            "ticket_feed"})
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -151,7 +151,7 @@ class CaseRow(Base):
             predicted_at=p.time,
             score=p.score,
             decision=case.decision,
-            label=case.label.value,
+            label=case.label.value if case.label is not None else None,
             labeled_at=case.labeled_at,
             outcome_definition=case.outcome_definition,
             evidence=list(case.evidence),

@@ -4,11 +4,18 @@ Used by the CLI (``vigil tickets ...``) and the REST API. Each action changes th
 record (``vigil.audit.record``) in the caller's transaction, so the change and its record land or vanish together
 (pccp.md §9 A: "classification output ... RA/QA sign-offs and dates"). The rules live in
 ``retrain_trigger.lifecycle``; this module only loads, applies and records.
+
+Consumers hook in with ``subscribe(listener)``, like ``vigil.alert_actions.subscribe``: each listener is called with
+the session and a ``TicketEvent`` inside the same transaction (``vigil.ticket_feed`` queues the retraining request
+for Kafka and the webhook there), so the message is stored exactly when the change is. The pipeline announces a
+newly opened ticket with ``opened``. ``context`` (e.g. the API caller's role) is added to the audit payload.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -24,19 +31,56 @@ from vigil.store import TicketRow, utcnow
 
 __all__ = [
     "TicketLifecycleError",
+    "TicketEvent",
     "TicketNotFound",
     "attach_manifest",
     "close",
     "get",
+    "opened",
     "pccp_for",
     "reclassify",
     "record_acceptance",
     "start",
+    "subscribe",
 ]
 
 
 class TicketNotFound(LookupError):
     """No ticket with this id in the store."""
+
+
+@dataclass(slots=True, frozen=True)
+class TicketEvent:
+    """What happened to a ticket, for listeners: ``event`` is opened, started, acceptance_recorded, closed,
+    reclassified or manifest (the audit action without its ``ticket.`` prefix)."""
+
+    ticket: TicketRow
+    event: str
+    by: str
+    at: datetime
+
+
+TicketListener = Callable[[Session, TicketEvent], None]
+_listeners: list[TicketListener] = []
+
+
+def subscribe(listener: TicketListener) -> Callable[[], None]:
+    """Call ``listener(session, event)`` after every ticket change, inside the caller's transaction; an exception
+    in it rolls the change back. Returns a function that unsubscribes it."""
+    _listeners.append(listener)
+    return lambda: _listeners.remove(listener)
+
+
+def _emit(session: Session, row: TicketRow, event: str, who: str) -> None:
+    session.flush()
+    change = TicketEvent(row, event, who, utcnow())
+    for listener in tuple(_listeners):
+        listener(session, change)
+
+
+def opened(session: Session, row: TicketRow, who: str) -> None:
+    """Announce a ticket the pipeline has just stored (and audit-logged as ``ticket.opened``) to the listeners."""
+    _emit(session, row, "opened", who)
 
 
 def get(session: Session, ticket_id: str, *, for_update: bool = False) -> TicketRow:
@@ -61,12 +105,13 @@ def pccp_for(settings: Settings, ticket: TicketRow) -> Pccp:
     return load_pccp(model.pccp)
 
 
-def start(session: Session, ticket_id: str, who: str) -> TicketRow:
+def start(session: Session, ticket_id: str, who: str, *, context: Mapping[str, Any] | None = None) -> TicketRow:
     """open → in_progress: an engineer takes the ticket."""
     row = get(session, ticket_id, for_update=True)
     previous, row.status = row.status, lifecycle.start(row)
-    audit.record(session, who, "ticket.started", "ticket", row.id, {"from": previous, "to": row.status})
-    session.flush()
+    audit.record(session, who, "ticket.started", "ticket", row.id,
+                 {"from": previous, "to": row.status, **(context or {})})
+    _emit(session, row, "started", who)
     return row
 
 
@@ -79,6 +124,7 @@ def record_acceptance(
     passed: bool,
     results: Mapping[str, Any],
     evidence_ref: str,
+    context: Mapping[str, Any] | None = None,
 ) -> TicketRow:
     """in_progress → acceptance_recorded; pass → C2, fail → C2-F (R6, S3 §VII.B(3))."""
     row = get(session, ticket_id, for_update=True)
@@ -95,25 +141,29 @@ def record_acceptance(
     audit.record(
         session, who, "ticket.acceptance_recorded", "ticket", row.id,
         {"from": previous, "to": {"status": row.status, "category": row.category},
-         "acceptance": {k: v for k, v in outcome.record.items() if k != "previous"}, "deployable": deployable(row)},
+         "acceptance": {k: v for k, v in outcome.record.items() if k != "previous"}, "deployable": deployable(row),
+         **(context or {})},
     )
-    session.flush()
+    _emit(session, row, "acceptance_recorded", who)
     return row
 
 
-def close(session: Session, ticket_id: str, who: str, comment: str) -> TicketRow:
+def close(session: Session, ticket_id: str, who: str, comment: str, *,
+          context: Mapping[str, Any] | None = None) -> TicketRow:
     """Any open state → closed, with the comment kept on the ticket and in the audit log."""
     row = get(session, ticket_id, for_update=True)
     previous, row.status = row.status, lifecycle.close(row, comment)
     row.evidence = {**row.evidence, "closure": {"by": who, "at": utcnow().isoformat(), "comment": comment,
                                                 "deployable": deployable(row)}}
     audit.record(session, who, "ticket.closed", "ticket", row.id,
-                 {"from": previous, "comment": comment, "category": row.category, "deployable": deployable(row)})
-    session.flush()
+                 {"from": previous, "comment": comment, "category": row.category, "deployable": deployable(row),
+                  **(context or {})})
+    _emit(session, row, "closed", who)
     return row
 
 
-def reclassify(session: Session, settings: Settings, ticket_id: str, who: str, new_remedy: str) -> TicketRow:
+def reclassify(session: Session, settings: Settings, ticket_id: str, who: str, new_remedy: str, *,
+               context: Mapping[str, Any] | None = None) -> TicketRow:
     """Re-run the classifier on the ticket's stored evidence with the remedy an engineer proposes.
 
     The new category, rule trace and actions replace the old ones on the ticket; the audit record keeps both
@@ -146,13 +196,14 @@ def reclassify(session: Session, settings: Settings, ticket_id: str, who: str, n
     audit.record(
         session, who, "ticket.reclassified", "ticket", row.id,
         {"from": before, "to": _decision(row), "status": {"from": previous_status, "to": row.status},
-         "pccp": {"id": pccp.pccp_id, "version": pccp.version}},
+         "pccp": {"id": pccp.pccp_id, "version": pccp.version}, **(context or {})},
     )
-    session.flush()
+    _emit(session, row, "reclassified", who)
     return row
 
 
-def attach_manifest(session: Session, ticket_id: str, who: str, manifest: Mapping[str, Any]) -> TicketRow:
+def attach_manifest(session: Session, ticket_id: str, who: str, manifest: Mapping[str, Any], *,
+                    context: Mapping[str, Any] | None = None) -> TicketRow:
     """Record a dataset manifest's content hash on the ticket (pccp.md §9 C: dataset ids with content hashes)."""
     row = get(session, ticket_id, for_update=True)
     if manifest.get("ticket_id") != row.id:
@@ -167,8 +218,8 @@ def attach_manifest(session: Session, ticket_id: str, who: str, manifest: Mappin
     lineage = dict(row.evidence.get("data_lineage", {}))
     lineage["manifests"] = [*lineage.get("manifests", []), summary]
     row.evidence = {**row.evidence, "data_lineage": lineage}
-    audit.record(session, who, "ticket.manifest", "ticket", row.id, summary)
-    session.flush()
+    audit.record(session, who, "ticket.manifest", "ticket", row.id, {**summary, **(context or {})})
+    _emit(session, row, "manifest", who)
     return row
 
 
