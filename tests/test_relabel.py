@@ -1,0 +1,69 @@
+"""Corrected outcomes relabel cases: a positive whose only outcome is retracted before its window closes waits in the
+join again (to be labeled at its window's close), its ``fnr`` observation is withdrawn from the stream's daily point,
+the correction is counted, and the stored case is unlabeled."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+
+from vigil.domain import Label
+from vigil.pipeline import Pipeline
+from vigil.settings import load_settings
+from vigil.simulator import simulate
+
+MODEL = "cta-stenosis"
+
+
+@pytest.fixture(scope="module")
+def feed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("feed")
+    simulate("scanner-upgrade", out, seed=3, days=150, change_day=60, volume=0.5)
+    return out
+
+
+def _resources(feed, kind):
+    return [orjson.loads(line) for path in sorted(feed.glob(f"{kind}.*.ndjson")) for line in path.read_bytes().splitlines()]
+
+
+def _retraction(resource: dict) -> dict:
+    retracted = {**resource, "meta": {**resource["meta"], "versionId": "2"}}
+    updated = datetime.fromisoformat(resource["meta"]["lastUpdated"].replace("Z", "+00:00")) + timedelta(minutes=1)
+    retracted["meta"]["lastUpdated"] = updated.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if resource["resourceType"] == "Condition":
+        retracted["verificationStatus"] = {"coding": [{"code": "entered-in-error"}]}
+    else:
+        retracted["status"] = "entered-in-error"
+    return retracted
+
+
+def _fnr_total(result, day) -> int:
+    return sum(p.n for m in result.models[MODEL].monitors.values() for s in m.streams.values()
+               if s.key.metric == "fnr" and s.key.site == "all" and s.key.subgroup == "all"
+               for d, p in s.points.items() if d == day)
+
+
+def test_a_retracted_outcome_relabels_its_positive_case_and_corrects_the_stream(feed, tmp_path):
+    original = Pipeline(load_settings()).run_paths([feed])
+    run = original.models[MODEL]
+    outcomes = {r["id"]: r for kind in ("Condition", "Procedure") for r in _resources(feed, kind)}
+    per_subject = Counter(c.prediction.subject for c in run.cases.values())
+    # a positive case after the baseline, decided by one outcome resource, for a subject with one prediction
+    case = next(c for _, c in sorted(run.cases.items()) if c.label is Label.POSITIVE and len(c.evidence) == 1
+                and c.evidence[0] in outcomes and per_subject[c.prediction.subject] == 1
+                and c.prediction.time > datetime(2026, 4, 1, tzinfo=UTC))
+    (tmp_path / "Retraction.000.ndjson").write_bytes(orjson.dumps(_retraction(outcomes[case.evidence[0]])) + b"\n")
+
+    corrected = Pipeline(load_settings()).run_paths([feed, tmp_path / "Retraction.000.ndjson"])
+    rid = case.prediction.resource_id
+    assert rid not in corrected.models[MODEL].cases and rid in corrected.models[MODEL].join  # waits again
+    assert corrected.corrections["relabeled: outcome amended or retracted"] == 1
+    day = case.prediction.time.replace(hour=0, minute=0, second=0, microsecond=0)
+    assert _fnr_total(corrected, day) == _fnr_total(original, day) - 1
+    assert corrected.unsaved[(MODEL, rid)].label is None  # the stored case loses its label
+    # everything else is labeled as before
+    assert {r: c.label for r, c in corrected.models[MODEL].cases.items()} == {
+        r: c.label for r, c in run.cases.items() if r != rid}
