@@ -90,7 +90,7 @@ def test_upgrade_on_sqlite_creates_every_table_at_head_and_is_idempotent(sqlite_
     engine = store.engine_for(sqlite_url)
     with engine.connect() as c:
         assert set(inspect(c).get_table_names()) == TABLES | {"alembic_version"}
-        assert c.scalar(text("SELECT version_num FROM alembic_version")) == "0003"
+        assert c.scalar(text("SELECT version_num FROM alembic_version")) == "0004"
         assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert c.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     engine.dispose()

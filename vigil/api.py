@@ -109,6 +109,8 @@ class AlertOut(BaseModel):
     silence_reason: str | None
     escalated_at: datetime | None
     ticket_id: str | None
+    parent_id: str | None = Field(None, description="The alert of the parent stream (same metric at the site, or "
+                                                    "across sites) this one is grouped under: one change, one signal.")
 
     @classmethod
     def of(cls, row: AlertRow, now: datetime) -> AlertOut:

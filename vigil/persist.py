@@ -18,7 +18,7 @@ from monitors.streams import Stream, interval
 from alerts.routing import RoutingConfig
 from vigil import __version__, audit, notify, ticket_actions
 from vigil.alert_actions import OPEN_STATES
-from vigil.domain import AlertState
+from vigil.domain import ALL, AlertState
 from vigil.pipeline import RunResult
 from vigil.settings import Settings
 from vigil.store import (
@@ -225,13 +225,36 @@ def _alerts(session, result: RunResult, routing: RoutingConfig, incremental: boo
             session.add(row)
             session.flush()
             audit.record(session, ACTOR, "alert.fired", "alert", row.id, _alert_payload(row))
-            notify.enqueue(session, row, "firing", routing)
+            if not _group(session, row):  # a grouped alert is told through its parent's notification
+                notify.enqueue(session, row, "firing", routing)
         ids[alert.id] = row.id
         if resolved and row.state in OPEN_STATES:
             _back_in_control(session, row, alert, routing)
         if incremental:
             book.stored[alert.id] = (row.id, alert.fire_count, resolved)
     return ids
+
+
+def _group(session, row: AlertRow) -> bool:
+    """Hierarchy (issue: one change, one signal): put ``row`` under the open alert of its parent stream — the same
+    metric and detector at its site for all subgroups, else across all sites for its subgroup, else overall — and
+    adopt the open alerts of its own child streams. Returns whether ``row`` itself was grouped under a parent."""
+    same = (AlertRow.model == row.model, AlertRow.model_version == row.model_version, AlertRow.metric == row.metric,
+            AlertRow.detector == row.detector, AlertRow.state.in_(OPEN_STATES), AlertRow.id != row.id)
+    parents = [(site, sub) for site, sub in ((row.site, ALL), (ALL, row.subgroup), (ALL, ALL))
+               if (site, sub) != (row.site, row.subgroup)]
+    candidates = session.scalars(select(AlertRow).where(*same, AlertRow.parent_id.is_(None))).all()
+    for site, sub in parents:
+        parent = next((a for a in candidates if (a.site, a.subgroup) == (site, sub)), None)
+        if parent is not None:
+            row.parent_id = parent.id
+            audit.record(session, ACTOR, "alert.grouped", "alert", row.id, {"parent": parent.id})
+            return True
+    for child in candidates:
+        if (row.site in (ALL, child.site)) and (row.subgroup in (ALL, child.subgroup)):
+            child.parent_id = row.id
+            audit.record(session, ACTOR, "alert.grouped", "alert", child.id, {"parent": row.id})
+    return False
 
 
 def _stored_match(session, alert) -> AlertRow | None:

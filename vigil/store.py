@@ -284,6 +284,7 @@ class AlertRow(StreamKeyColumns, Base):
     silence_reason: Mapped[str | None] = mapped_column(Text)
     escalated_at: Mapped[datetime | None]
     ticket_id: Mapped[str | None] = mapped_column(ForeignKey("tickets.id"))
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("alerts.id"), index=True)  # grouped under this alert
 
     ticket: Mapped[TicketRow | None] = relationship(back_populates="alerts")
 
