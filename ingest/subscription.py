@@ -59,6 +59,10 @@ class SubscriptionConfig(BaseModel):
     secret_header: str = "Authorization"
     resource_types: list[str] = Field(default_factory=list, description="types a catch-up query re-reads")
     max_message_bytes: int = Field(MAX_MESSAGE_BYTES, gt=0)
+    forward_bootstrap_servers: str | None = Field(
+        None, description="`vigil serve` forwards the notified resources to this Kafka cluster ...")
+    forward_topic: str | None = Field(None, description="... on this topic, which a `kafka` source of `vigil run` "
+                                                        "consumes with the other feeds (one pipeline, one state)")
 
 
 # --- parsing ---------------------------------------------------------------------------------------------------

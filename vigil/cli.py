@@ -223,8 +223,9 @@ def run(
     factory = session_factory(settings.store_url)
     sources = stream_sources(settings, factory)
     if not sources:
-        raise typer.BadParameter("only fhir-subscription sources are configured: they receive data through "
-                                 "`vigil serve`", param_hint="--config")
+        raise typer.BadParameter("only fhir-subscription sources are configured: `vigil serve` receives them and "
+                                 "forwards their resources to their forward_topic; add a kafka source on that topic",
+                                 param_hint="--config")
     service = Service(settings, sources, commit_every=commit_every)
     if not json:
         err.print(f"vigil run: consuming {', '.join(s.name for s in sources)} into {settings.store_url} "

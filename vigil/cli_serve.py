@@ -38,21 +38,24 @@ def serve(
     store: StoreOpt = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
-    """Serve the REST API (OpenAPI docs at /docs): alerts, tickets, audit verify; bearer tokens with roles. With
-    receivers configured under ``routing:``, also delivers the notification outbox (retries, escalation)."""
+    """Serve the REST API (OpenAPI docs at /docs): alerts, tickets, audit verify; bearer tokens with roles; /metrics;
+    the FHIR subscription endpoints of ``fhir-subscription`` sources (resources forwarded to Kafka for `vigil run`).
+    With receivers under ``routing:``, also delivers the notification outbox (retries, escalation)."""
     import uvicorn
-
     from fastapi import Depends
 
+    from ingest.subscription import SubscriptionConfig
     from vigil import notify, ticket_feed
     from vigil.api import create_app, require
     from vigil.auth import Permission
     from vigil.observability import metrics_router
+    from vigil.webhook import SubscriptionForwarder
 
     settings = load_settings(config, store_url=store)
     url = settings.store_url
     upgrade(url)
     scheduler = feed_worker = None
+    forwarders: list = []
     if settings.routing.receivers:
         notify.notify_on_transitions(settings.routing)
         scheduler = notify.start_scheduler(session_factory(url), settings.routing)
@@ -63,13 +66,17 @@ def serve(
                   + (f", notifying {len(settings.routing.receivers)} receivers" if scheduler else ""))
     try:
         metrics = metrics_router(url, dependencies=[Depends(require(Permission.READ_ALERTS))])
-        uvicorn.run(create_app(url, extra_routers=[metrics], settings=settings), host=host, port=port,
+        forwarders += [SubscriptionForwarder(src) for src in settings.sources if isinstance(src, SubscriptionConfig)]
+        routers = [metrics, *(f.router() for f in forwarders)]
+        uvicorn.run(create_app(url, extra_routers=routers, settings=settings), host=host, port=port,
                     log_level=log_level)
     finally:
         if scheduler is not None:
             scheduler.shutdown()
         if feed_worker is not None:
             feed_worker.shutdown()
+        for forwarder in forwarders:
+            forwarder.close()
 
 
 @tokens_app.command("create")

@@ -1,8 +1,9 @@
 """Build the configured stream sources (DESIGN.md §Contracts: ``vigil run --config FILE``).
 
 File sources (``kind: files``) are not built here: a bulk export holds one file per resource type, not one stream in
-arrival order, so ``vigil run`` reads them whole and sorts them (``Pipeline.run_paths``). Subscription sources receive
-their data through the webhook of ``vigil serve``, so ``vigil run`` cannot consume them on its own.
+arrival order, so ``vigil run`` reads them whole and sorts them (``Pipeline.run_paths``). Subscription sources are
+served by ``vigil serve`` (``vigil.webhook``), which forwards the notified resources to a Kafka topic: configure a
+``kafka`` source on that topic and ``vigil run`` consumes them with the other feeds, in one pipeline.
 """
 
 from __future__ import annotations
