@@ -156,6 +156,20 @@ class StreamMonitor:
         self._next_completion = min(waiting) if waiting else None
         return signals
 
+    def forget_points(self, before: datetime) -> int:
+        """Drop daily points older than ``before`` that the store already holds: no late label can change them any
+        more, and a service running for years must not keep every day of every stream in memory (nor in its
+        checkpoint). Returns how many were dropped."""
+        dropped = 0
+        for s in self.streams.values():
+            old = [day for day, p in s.points.items() if day < before and p.stored]
+            for day in old:
+                if s.last_point is s.points[day]:
+                    s.last_point = None
+                del s.points[day]
+            dropped += len(old)
+        return dropped
+
     def back_in_control(self, key: StreamKey) -> bool:
         """Whether an alerted stream performs as designed again: since its last alarm at least ``min_n`` observations
         whose rate is no worse than the in-control rate its chart was designed for (scores: a mean within half the

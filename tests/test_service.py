@@ -23,7 +23,8 @@ from vigil.domain import Position
 from vigil.service import Service
 from vigil.settings import load_settings
 from vigil.simulator import simulate
-from vigil.store import AlertRow, CaseRow, CheckpointRow, DeadLetterRow, RunRow, TicketRow, session_factory
+from vigil.store import (AlertRow, CaseRow, CheckpointRow, DeadLetterRow, MetricPointRow, RunRow, TicketRow,
+                         session_factory)
 
 TOPIC = "feed"
 
@@ -90,10 +91,12 @@ def _outcome(url: str) -> dict:
         cases = s.scalar(select(func.count()).select_from(CaseRow))
         distinct = s.scalar(select(func.count(func.distinct(CaseRow.prediction_id))))
         letters = sorted((d.source, d.position, d.reason) for d in s.scalars(select(DeadLetterRow)))
+        points = sorted((p.model, p.metric, p.site, p.subgroup, p.period_start, p.n, round(p.value, 9))
+                        for p in s.scalars(select(MetricPointRow)))
         chain = audit.verify(s)
     factory.kw["bind"].dispose()
     return {"alerts": alerts, "tickets": tickets, "labels": labels, "cases": cases, "distinct_cases": distinct,
-            "dead_letters": letters, "audit_ok": chain.ok}
+            "dead_letters": letters, "points": points, "audit_ok": chain.ok}
 
 
 def _run(url: str, feed: list[bytes], crash_after: int | None = None, batch: int = 4000):
@@ -115,6 +118,7 @@ def test_a_streamed_feed_is_stored_with_its_alerts_tickets_and_dead_letters(unin
     assert any(a[2] == "fnr" and a[3] == "site-b" for a in uninterrupted["alerts"])
     assert uninterrupted["tickets"]
     assert uninterrupted["cases"] == uninterrupted["distinct_cases"] > 1000
+    assert len(uninterrupted["points"]) > 1000  # daily points stay in the store after the service forgets them
     reasons = [reason for _, _, reason in uninterrupted["dead_letters"]]
     assert any(r.startswith("invalid JSON") for r in reasons) and any("resourceType" in r for r in reasons)
     positions = {pos for _, pos, _ in uninterrupted["dead_letters"]}

@@ -157,6 +157,18 @@ class Pipeline:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
 
+    def forget_stored_points(self) -> int:
+        """After a store (service mode): drop the daily points no late label can change any more — older than the
+        watermark minus each model's label window and grace — and already in the store."""
+        if self.result.watermark is None:
+            return 0
+        dropped = 0
+        for run in self.result.models.values():
+            horizon = self.result.watermark - run.config.label_window - run.config.label_grace - timedelta(days=1)
+            for monitor in run.monitors.values():
+                dropped += monitor.forget_points(horizon)
+        return dropped
+
     def bind(self, settings: Settings) -> Pipeline:
         """Attach the settings (and a decoder built from them) to a pipeline restored from a checkpoint."""
         self.settings = settings

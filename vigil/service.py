@@ -128,6 +128,7 @@ class Service:
                 offsets.save_checkpoint(session, source.name, source.checkpoint())
             self._run = record_run(session, self._run, result, final=final)
             result.mark_stored()  # before the checkpoint, so a restore does not store these deltas again
+            self.pipeline.forget_stored_points()  # bounded memory: stored days that can no longer change
             self.report.checkpoint_bytes = checkpoint.save(session, self.pipeline, self.settings,
                                                            self.checkpoint_name)
         self.report.commits += 1
