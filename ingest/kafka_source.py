@@ -17,11 +17,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
 from kafka.errors import KafkaError, NoBrokersAvailable
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from ingest.sources import Checkpoint, Message
 from vigil.domain import Position
@@ -36,6 +36,14 @@ _SECURITY_KEYS = ("security_protocol",)
 _SECURITY_PREFIXES = ("ssl_", "sasl_")
 
 
+def _comma_list(value: Any) -> Any:
+    return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
+
+
+BootstrapServers = Annotated[list[str], BeforeValidator(_comma_list)]
+"""Brokers as a list, or as Kafka's usual comma-separated string ("kafka-1:9092,kafka-2:9092")."""
+
+
 class KafkaSourceConfig(BaseModel):
     """One Kafka source in the config file. ``security`` is passed to kafka-python's ``KafkaConsumer`` unchanged
     (``security_protocol``, ``ssl_*``, ``sasl_*`` keys only; e.g. ``{security_protocol: SASL_SSL, sasl_mechanism:
@@ -45,7 +53,7 @@ class KafkaSourceConfig(BaseModel):
 
     kind: Literal["kafka"] = "kafka"
     name: str = Field(..., min_length=1, description="unique source name; the key of its stored offsets")
-    bootstrap_servers: list[str] = Field(..., min_length=1, description="host:port of one or more brokers")
+    bootstrap_servers: BootstrapServers = Field(..., min_length=1, description="host:port of one or more brokers")
     topics: list[str] = Field(..., min_length=1)
     group_id: str = Field(..., min_length=1, description="consumer group: consumers sharing it split the partitions")
     client_id: str = "vigil"
@@ -58,11 +66,6 @@ class KafkaSourceConfig(BaseModel):
         "pin the broker protocol version, e.g. '2.3', instead of probing it; for brokers that advertise request "
         "versions they answer wrongly (librdkafka's mock cluster answers LeaveGroup v3 with a short response)"))
     security: dict[str, Any] = Field(default_factory=lambda: {"security_protocol": "PLAINTEXT"}, repr=False)
-
-    @field_validator("bootstrap_servers", mode="before")
-    @classmethod
-    def _split_servers(cls, value: Any) -> Any:
-        return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
 
     @field_validator("security")
     @classmethod

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from alerts.routing import Delivery, RoutingConfig, WebhookReceiver
+from ingest.kafka_source import BootstrapServers
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -58,7 +59,7 @@ class TicketFeedConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    bootstrap_servers: list[str] = Field(default_factory=list,
+    bootstrap_servers: BootstrapServers = Field(default_factory=list,
                                          description="host:port of Kafka brokers; empty = no Kafka topic")
     topic: str = Field("vigil.retraining-requests", min_length=1, pattern=r"^[A-Za-z0-9._-]{1,249}$",
                        description="Kafka topic of retraining requests (record key = model id)")
@@ -72,11 +73,6 @@ class TicketFeedConfig(BaseModel):
     api_url: AnyHttpUrl | None = Field(None, description="vigil API base URL, for the FHIR Task link in messages")
     timeout_seconds: float = Field(10.0, gt=0, le=120, description="network timeout of one delivery attempt")
     delivery: Delivery = Delivery()
-
-    @field_validator("bootstrap_servers", mode="before")
-    @classmethod
-    def _split_servers(cls, value: Any) -> Any:
-        return [s.strip() for s in value.split(",") if s.strip()] if isinstance(value, str) else value
 
     @field_validator("security")
     @classmethod
