@@ -19,6 +19,7 @@ from dashboards.panels import (
     timeseries_panel,
     with_ci_band,
     with_limit_line,
+    with_reference_line,
 )
 from dashboards.variables import STREAM, variable
 
@@ -45,6 +46,34 @@ def _cell_value() -> TimeseriesPanel:
         f"SELECT period_start AS time, value, ci_low, ci_high FROM metric_points "
         f"WHERE {_CELL} AND $__timeFilter(period_start) ORDER BY 1",
         width=24, height=9, description="Daily value of the selected stream; the band is its 95% confidence interval."))
+
+
+_WINDOW = f"{_VERSION} AND subgroup = '$subgroup'"
+"""Window points (``vigil/performance.py``) are per model version, site and subgroup; their metric is fixed."""
+
+
+def _window_cell(metric: str, title: str, description: str, reference: float | None = None) -> TimeseriesPanel:
+    """One window metric of the selected site and subgroup with its 95% CI band (and the ideal value dashed)."""
+    panel = with_ci_band(timeseries_panel(
+        title,
+        f"SELECT period_start AS time, value AS {metric}, ci_low, ci_high FROM metric_points "
+        f"WHERE {_WINDOW} AND site = '$site' AND metric = '{metric}' AND $__timeFilter(period_start) ORDER BY 1",
+        description=description))
+    return panel if reference is None else with_reference_line(panel, reference)
+
+
+def _window_by_site(metric: str, title: str, description: str, reference: float | None = None) -> TimeseriesPanel:
+    """One window metric of the selected subgroup, one line per site ("all" included)."""
+    panel = timeseries_panel(
+        title,
+        f"SELECT period_start AS time, site AS metric, value FROM metric_points "
+        f"WHERE {_WINDOW} AND metric = '{metric}' AND $__timeFilter(period_start) ORDER BY 1",
+        description=description)
+    return panel if reference is None else with_reference_line(panel, reference)
+
+
+_WINDOW_NOTE = ("Each point is one window of settled cases (label window closed) starting at its time; cells below "
+                "the minimum n, or with only one outcome, have no point (insufficient data).")
 
 
 def overview() -> Dashboard:
@@ -120,6 +149,33 @@ def performance() -> Dashboard:
             f"SELECT period_start AS time, n FROM metric_points WHERE {_CELL} AND $__timeFilter(period_start) "
             f"ORDER BY 1",
             width=24, height=6, bars=True, description="How many cases each daily value rests on."))
+        .with_row(Row("Discrimination and calibration ($model $model_version, 30-day windows)"))
+        .with_panel(_window_cell(
+            "auroc", "AUROC at site $site, $subgroup (95% CI)",
+            f"Area under the ROC curve with DeLong's 95% CI. {_WINDOW_NOTE}"))
+        .with_panel(_window_by_site(
+            "auroc", "AUROC by site ($subgroup)", f"Area under the ROC curve per site. {_WINDOW_NOTE}"))
+        .with_panel(_window_cell(
+            "oe_ratio", "Observed / expected events at site $site, $subgroup (95% CI)",
+            f"Observed events over the sum of predicted risks, exact Poisson CI; 1 = calibrated in the large, "
+            f"> 1 = risks too low. {_WINDOW_NOTE}", reference=1.0))
+        .with_panel(_window_by_site(
+            "oe_ratio", "Observed / expected by site ($subgroup)",
+            f"Observed over expected events per site; dashed: 1. {_WINDOW_NOTE}", reference=1.0))
+        .with_panel(_window_cell(
+            "calibration_slope", "Calibration slope at site $site, $subgroup (95% CI)",
+            f"Slope of the logistic recalibration on logit(risk): 1 = ideal, < 1 = risks too extreme, > 1 = too "
+            f"moderate. {_WINDOW_NOTE}", reference=1.0))
+        .with_panel(_window_cell(
+            "calibration_intercept", "Calibration intercept at site $site, $subgroup (95% CI)",
+            f"Calibration in the large (logistic recalibration with slope fixed at 1): 0 = ideal, > 0 = risks too "
+            f"low. {_WINDOW_NOTE}", reference=0.0))
+        .with_panel(table_panel(
+            "Window metrics at site $site, $subgroup",
+            f"SELECT period_start AS window_start, metric, n, value, ci_low, ci_high FROM metric_points "
+            f"WHERE {_WINDOW} AND site = '$site' AND metric IN ('auroc', 'oe_ratio', 'brier', 'calibration_slope', "
+            f"'calibration_intercept') AND $__timeFilter(period_start) ORDER BY period_start DESC, metric",
+            height=8, description=f"Every window metric of the cell, incl. the Brier score. {_WINDOW_NOTE}"))
     )
 
 

@@ -6,11 +6,12 @@ Each factory takes a title, the SQL and a size; the dashboard builder places pan
 from __future__ import annotations
 
 from grafana_foundation_sdk.builders import barchart, stat, table, timeseries
-from grafana_foundation_sdk.builders.common import StackingConfig
+from grafana_foundation_sdk.builders.common import GraphThresholdsStyleConfig, StackingConfig
 from grafana_foundation_sdk.builders.dashboard import FieldColor, ThresholdsConfig
 from grafana_foundation_sdk.models.common import (
     BigValueColorMode,
     GraphDrawStyle,
+    GraphThresholdsStyleMode,
     StackingMode,
     TableColoredBackgroundCellOptions,
 )
@@ -85,6 +86,15 @@ def with_limit_line(panel: timeseries.Panel, column: str = "threshold") -> times
         DynamicConfigValue(id_val="color", value={"mode": "fixed", "fixedColor": "red"}),
         DynamicConfigValue(id_val="custom.lineStyle", value={"fill": "dash", "dash": [10, 10]}),
     ])
+
+
+def with_reference_line(panel: timeseries.Panel, value: float, color: str = "text") -> timeseries.Panel:
+    """Draw a dashed horizontal reference line at ``value`` (the ideal: O/E 1, calibration slope 1, intercept 0).
+
+    A Grafana threshold drawn as a dashed line, so the series keep their colours and no SQL column is needed."""
+    steps = [Threshold(value=None, color="transparent"), Threshold(value=value, color=color)]
+    return (panel.thresholds(ThresholdsConfig().mode(ThresholdsMode.ABSOLUTE).steps(steps))
+            .thresholds_style(GraphThresholdsStyleConfig().mode(GraphThresholdsStyleMode.DASHED)))
 
 
 def barchart_panel(title: str, sql: str, *, x_field: str, width: int = 12, height: int = 8, stacked: bool = False,

@@ -153,7 +153,13 @@ INSERT INTO metric_points (model, model_version, metric, site, subgroup, period_
  ('cta', '1.0', 'fnr', 'site-a', 'all', '2025-02-02Z', 38, 0.35, 0.21, 0.52, 5.2, 4.1),
  ('cta', '1.0', 'fnr', 'site-a', 'sex=female', '2025-02-02Z', 20, 0.40, 0.19, 0.64, 2.0, 4.1),
  ('cta', '1.0', 'fnr', 'all', 'all', '2025-02-02Z', 90, 0.22, 0.14, 0.32, 0.8, 4.1),
- ('cta', '1.0', 'unmapped_rate', 'site-a', 'all', '2025-02-02Z', 50, 0.10, 0.04, 0.21, 0.0, 4.1);
+ ('cta', '1.0', 'unmapped_rate', 'site-a', 'all', '2025-02-02Z', 50, 0.10, 0.04, 0.21, 0.0, 4.1),
+ ('cta', '1.0', 'auroc', 'site-a', 'all', '2025-01-01Z', 120, 0.86, 0.79, 0.93, NULL, NULL),
+ ('cta', '1.0', 'auroc', 'all', 'all', '2025-01-01Z', 300, 0.88, 0.84, 0.92, NULL, NULL),
+ ('cta', '1.0', 'oe_ratio', 'site-a', 'all', '2025-01-01Z', 120, 1.10, 0.85, 1.40, NULL, NULL),
+ ('cta', '1.0', 'brier', 'site-a', 'all', '2025-01-01Z', 120, 0.14, NULL, NULL, NULL, NULL),
+ ('cta', '1.0', 'calibration_slope', 'site-a', 'all', '2025-01-01Z', 120, 0.92, 0.70, 1.14, NULL, NULL),
+ ('cta', '1.0', 'calibration_intercept', 'site-a', 'all', '2025-01-01Z', 120, 0.10, -0.15, 0.35, NULL, NULL);
 INSERT INTO tickets (id, model, model_version, category, safety_overlay, matched_mod, cause, cause_confidence, remedy,
                      status, rationale, required_actions, evidence, created_at, updated_at) VALUES
  ('T1', 'cta', '1.0', 'C2', false, 'M1', 'site_acquisition_shift', 0.8, 'retrain', 'open', '["in scope"]',

@@ -19,6 +19,7 @@ from alerts.routing import RoutingConfig
 from vigil import __version__, audit, notify, ticket_actions
 from vigil.alert_actions import OPEN_STATES
 from vigil.domain import ALL, AlertState
+from vigil.performance import WINDOW_METRICS, compute_window_metrics
 from vigil.pipeline import RunResult
 from vigil.settings import Settings
 from vigil.store import (
@@ -45,6 +46,7 @@ def persist(result: RunResult, settings: Settings, inputs: list[str], started_at
         with Session(engine, expire_on_commit=False) as session, session.begin():
             record_config(session, settings)
             ids = store_results(session, result, settings.routing, incremental=False)
+            compute_window_metrics(session, settings)  # after store_results: it rewrites the daily points
             record_run(session, RunRow(started_at=started_at, config_hash=settings.config_hash(),
                                        code_version=__version__, inputs=inputs), result)
     finally:
@@ -160,6 +162,7 @@ def _streams(session, result: RunResult, incremental: bool) -> None:
         since = min(days)
         session.execute(delete(MetricPointRow).where(MetricPointRow.model == model,
                                                      MetricPointRow.model_version == version,
+                                                     MetricPointRow.metric.not_in(WINDOW_METRICS),
                                                      MetricPointRow.period_start >= since))
         points = [row for s in monitor.streams.values() for row in _point_rows(s, since, incremental)]
         if points:

@@ -23,6 +23,7 @@ from ingest import Checkpoint, Source, load_messages
 from ingest.kafka_source import KafkaSource
 from vigil import __version__, checkpoint, offsets
 from vigil.observability import ingest_metrics
+from vigil.performance import compute_window_metrics
 from vigil.persist import record_config, record_run, store_results
 from vigil.pipeline import Pipeline
 from vigil.settings import Settings
@@ -126,6 +127,8 @@ class Service:
             self.report.stored_ids.update(store_results(session, result, self.settings.routing))
             for source in self.sources:
                 offsets.save_checkpoint(session, source.name, source.checkpoint())
+            if final:  # windowed AUROC, O/E, calibration: re-read from all stored cases, so once per run
+                compute_window_metrics(session, self.settings)
             self._run = record_run(session, self._run, result, final=final)
             result.mark_stored()  # before the checkpoint, so a restore does not store these deltas again
             self.pipeline.forget_stored_points()  # bounded memory: stored days that can no longer change
