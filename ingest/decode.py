@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
-from functools import lru_cache
 from typing import Literal
 
 import orjson
@@ -40,25 +39,32 @@ ETHNICITY_URL = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnici
 IDENTIFIERS_PRESENT = "identifiers present"
 _DEVICE_KINDS = {"ai-model": "model", "acquisition-device": "scanner"}
 _CODING_CACHE_SIZE = 1 << 16
+_REFERENCE_CACHE_SIZE = 1 << 16
 _EMPTY: dict = {}
+_fromisoformat = datetime.fromisoformat
 
 
 class Rejected(ValueError):
     """The resource breaks the feed profile; the message names the element ("missing subject", "invalid ...")."""
 
 
-@lru_cache(maxsize=1 << 14)
 def parse_datetime(text: str) -> datetime:
     """A FHIR date, dateTime or instant of any precision (YYYY, YYYY-MM, ...) → aware UTC; naive means UTC.
 
-    Memoised: a feed repeats timestamps (a bulk export's lastUpdated), and a hit costs a tenth of a parse.
+    Not memoised: in a feed most timestamps are distinct (bench/RESULTS-ingest.md: 198,167 distinct of 231,566), and
+    ``datetime.fromisoformat`` (C, Python 3.11 reads "Z") costs about what a cache miss's bookkeeping does. A "Z" or
+    "+00:00" time already comes back in ``UTC``; ``astimezone`` would return the same object.
     """
-    if len(text) == 4:
+    n = len(text)
+    if n == 4:
         return datetime(int(text), 1, 1, tzinfo=UTC)
-    if len(text) == 7 and text[4] == "-":
+    if n == 7 and text[4] == "-":
         return datetime(int(text[:4]), int(text[5:]), 1, tzinfo=UTC)
-    value = datetime.fromisoformat(text)
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    value = _fromisoformat(text)
+    tz = value.tzinfo
+    if tz is UTC:
+        return value
+    return value.replace(tzinfo=UTC) if tz is None else value.astimezone(UTC)
 
 
 class Decoder:
@@ -72,6 +78,9 @@ class Decoder:
         self.strict = strict
         self.stripped: Counter[str] = Counter()
         self._coding_cache: dict[tuple[str, str, str | None], Coding] = {}
+        # raw reference string → keyed id; the keyer's own cache holds the same raw ids, bounded alike
+        self._subject_keys: dict[str, str] = {}
+        self._encounter_keys: dict[str, str] = {}
         self._oldest_year = oldest_safe_birth_year()
         self._handlers: dict[str, Callable[[dict], Record]] = {
             "RiskAssessment": self._risk_assessment,
@@ -98,10 +107,11 @@ class Decoder:
         try:
             if rtype in PERSON_TYPES or "contained" in resource:
                 found = find_identifiers(resource, self._oldest_year)
-                if found and self.policy == "quarantine":
-                    reason = f"{IDENTIFIERS_PRESENT}: {', '.join(found)}"
-                    return DeadLetter(position, reason, rtype, self._safe_id(resource), payload=None)
-                self.stripped.update(found)
+                if found:  # Counter.update costs as much as the check itself, even when given nothing
+                    if self.policy == "quarantine":
+                        reason = f"{IDENTIFIERS_PRESENT}: {', '.join(found)}"
+                        return DeadLetter(position, reason, rtype, self._safe_id(resource), payload=None)
+                    self.stripped.update(found)
             return handler(resource)
         except Rejected as exc:
             return self._dead_letter(resource, position, str(exc))
@@ -212,7 +222,7 @@ class Decoder:
             model_id,
             "",  # model_version: resolved from the model Device by the pipeline
             subject,
-            self._encounter_key(reference_id(get("encounter"), "Encounter")),
+            self._encounter_ref(get("encounter")),
             _time(occurred, "occurrenceDateTime"),
             float(score),
             model_device,
@@ -264,7 +274,7 @@ class Decoder:
             str(meta.get("versionId") or "1"),
             status,
             self._subject(r),
-            self._encounter_key(reference_id(r.get("encounter"), "Encounter")),
+            self._encounter_ref(r.get("encounter")),
             codings,
             time,
             None,  # value, unit: Observation only
@@ -292,17 +302,41 @@ class Decoder:
         """Visit numbers identify people too: encounters are keyed like subjects, so joins still work."""
         return self.keyer.key("Encounter/" + encounter) if encounter else None
 
+    def _encounter_ref(self, reference: object) -> str | None:
+        """``_encounter_key(reference_id(reference, "Encounter"))``, memoised by the reference string."""
+        ref = reference.get("reference") if reference.__class__ is dict else None
+        if ref.__class__ is str:
+            key = self._encounter_keys.get(ref)  # type: ignore[arg-type]
+            if key is None:
+                key = self._encounter_key(reference_id(reference, "Encounter"))
+                if key is None:
+                    return None
+                _bounded_put(self._encounter_keys, ref, key)  # type: ignore[arg-type]
+            return key
+        return None  # reference_id gives None for anything but a dict with a string reference
+
     def _subject(self, r: dict) -> str:
         subject = r.get("subject")
         if subject is None:
             raise Rejected("missing subject")
+        ref = subject.get("reference") if subject.__class__ is dict else None
+        if ref.__class__ is str and (key := self._subject_keys.get(ref)) is not None:  # type: ignore[arg-type]
+            return key
         patient = reference_id(subject, "Patient")
         if patient is None:
             if str(subject.get("reference", "")).startswith("urn:"):  # the uuid itself may be the patient's id
                 raise Rejected("invalid subject: unresolved urn: reference (no entry of its Bundle has that fullUrl;"
                                " send the Patient in the same Bundle or reference Patient/<id>)")
             raise Rejected("invalid subject (must reference Patient/<id>)")
-        return self.keyer.key("Patient/" + patient)
+        key = self.keyer.key("Patient/" + patient)
+        _bounded_put(self._subject_keys, ref, key)  # type: ignore[arg-type]
+        return key
+
+
+def _bounded_put(cache: dict, key: object, value: object) -> None:
+    if len(cache) >= _REFERENCE_CACHE_SIZE:
+        cache.clear()
+    cache[key] = value
 
 
 def reference_id(reference: object, rtype: str, conditional: bool = False) -> str | None:
@@ -340,7 +374,14 @@ def _id(r: dict) -> str:
 
 
 def _time(text: object, element: str) -> datetime:
+    """``parse_datetime`` naming ``element`` on failure; a full dateTime (the common case) is parsed inline."""
     try:
+        if len(text) > 7:  # type: ignore[arg-type]  # not YYYY or YYYY-MM: what parse_datetime does, one call less
+            value = _fromisoformat(text)  # type: ignore[arg-type]
+            tz = value.tzinfo
+            if tz is UTC:
+                return value
+            return value.replace(tzinfo=UTC) if tz is None else value.astimezone(UTC)
         return parse_datetime(text)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise Rejected(f"invalid {element} (not a FHIR dateTime)") from None

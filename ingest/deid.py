@@ -17,6 +17,12 @@ from typing import Any
 PERSON_TYPES = frozenset({"Patient", "RelatedPerson", "Person"})
 _DIRECT_ELEMENTS = ("name", "telecom", "address", "identifier", "photo", "contact")
 _IDENTIFYING_VALUES = ("valueHumanName", "valueAddress", "valueContactPoint", "valueIdentifier", "valueAttachment")
+_IDENTIFYING_VALUE_KEYS = frozenset(_IDENTIFYING_VALUES)
+_SUSPECT_PERSON_KEYS = frozenset((*_DIRECT_ELEMENTS, "deceasedDateTime", "text"))
+"""A person whose top-level keys miss all of these has no direct element, death date or narrative to report: the
+element-by-element checks are skipped (an absent key reads as None, which is never reported). The birth date and
+the extensions are always checked. tests/test_deid_fastpath.py proves the shortcut equal to the full walk."""
+MOTHERS_MAIDEN_NAME = "patient-mothersMaidenName"
 OVER_89 = "age over 89"
 FULL_BIRTH_DATE = "birthDate (full date)"
 
@@ -24,13 +30,14 @@ FULL_BIRTH_DATE = "birthDate (full date)"
 class SubjectKeyer:
     """Keyed hash so subjects are pseudonymous, stable across feeds, and not reversible without the secret."""
 
-    __slots__ = ("_secret", "_cache")
+    __slots__ = ("_keyed", "_cache")
     _CACHE_SIZE = 1 << 16
 
     def __init__(self, secret: str):
         if not secret:
             raise ValueError("subject_key is empty: set a secret in the config (subject_key) or VIGIL_SUBJECT_KEY")
-        self._secret = secret.encode()
+        # keyed once: a copy of this HMAC skips re-deriving the padded key per subject (RFC 2104), a quarter faster
+        self._keyed = hmac.new(secret.encode(), digestmod=hashlib.sha256)
         self._cache: dict[str, str] = {}
 
     def key(self, reference: str) -> str:
@@ -39,8 +46,9 @@ class SubjectKeyer:
         if cached is None:
             if len(self._cache) >= self._CACHE_SIZE:
                 self._cache.clear()
-            cached = hmac.new(self._secret, reference.encode(), hashlib.sha256).hexdigest()[:32]
-            self._cache[reference] = cached
+            mac = self._keyed.copy()
+            mac.update(reference.encode())
+            cached = self._cache[reference] = mac.hexdigest()[:32]
         return cached
 
 
@@ -55,40 +63,44 @@ def find_identifiers(resource: dict, oldest_year: int | None = None) -> list[str
     Contained persons are reported as ``contained.<element>``. Other resource types report only their contained persons.
     """
     oldest_year = oldest_safe_birth_year() if oldest_year is None else oldest_year
-    found: list[str] = []
-    if resource.get("resourceType") in PERSON_TYPES:
-        found.extend(_person_identifiers(resource, oldest_year))
+    found = _person_identifiers(resource, oldest_year) if resource.get("resourceType") in PERSON_TYPES else []
     contained = resource.get("contained")
     for inner in contained if isinstance(contained, list) else ():
         if isinstance(inner, dict):
             found.extend(f"contained.{name}" for name in find_identifiers(inner, oldest_year))
-    return list(dict.fromkeys(found))
+    return list(dict.fromkeys(found)) if len(found) > 1 else found
 
 
 def _person_identifiers(person: dict, oldest_year: int) -> list[str]:
-    found = [name for name in _DIRECT_ELEMENTS if person.get(name)]
+    """The direct identifiers of one person resource, in a fixed order (elements, birth date, death, narrative,
+    extensions). Hot path: every Patient of a feed passes here, hence the key-set shortcut (``_SUSPECT_PERSON_KEYS``)."""
+    suspect = not _SUSPECT_PERSON_KEYS.isdisjoint(person)
+    found = [name for name in _DIRECT_ELEMENTS if person.get(name)] if suspect else []
     birth = person.get("birthDate")
     if isinstance(birth, str) and birth:
         if len(birth) > 4:
             found.append(FULL_BIRTH_DATE)
         if birth[:4].isdigit() and int(birth[:4]) < oldest_year:
             found.append(OVER_89)
-    if person.get("deceasedDateTime"):
-        found.append("deceasedDateTime")
-    text = person.get("text")
-    if isinstance(text, dict) and text.get("div"):
-        found.append("text.div")
-    found.extend(f"extension {_last_segment(ext.get('url'))}" for ext in _identifying_extensions(person))
+    if suspect:
+        if person.get("deceasedDateTime"):
+            found.append("deceasedDateTime")
+        text = person.get("text")
+        if isinstance(text, dict) and text.get("div"):
+            found.append("text.div")
+    if "extension" in person:
+        found.extend(f"extension {_last_segment(ext.get('url'))}" for ext in _identifying_extensions(person))
     return found
 
 
 def _identifying_extensions(element: dict) -> list[dict]:
+    """Extensions whose value is a name, address, telecom, identifier or attachment, or a mother's maiden name."""
     extensions = element.get("extension")
     return [
         ext
         for ext in (extensions if isinstance(extensions, list) else ())
         if isinstance(ext, dict)
-        and (any(k in ext for k in _IDENTIFYING_VALUES) or str(ext.get("url")).endswith("patient-mothersMaidenName"))
+        and (not _IDENTIFYING_VALUE_KEYS.isdisjoint(ext) or str(ext.get("url")).endswith(MOTHERS_MAIDEN_NAME))
     ]
 
 

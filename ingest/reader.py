@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
 import orjson
@@ -122,10 +123,7 @@ def iter_lines(path: Path, max_bytes: int = MAX_MESSAGE_BYTES) -> Iterator[tuple
     DeadLetter. The file is streamed, never read whole (bulk-data IG: files can be gigabytes).
     """
     source = str(path)
-    with open(path, "rb") as raw:
-        packed = raw.read(2) == b"\x1f\x8b"
-    opener = gzip.open if packed or path.name.endswith(".gz") else open
-    with opener(path, "rb") as lines:
+    with _open_lines(path) as lines:
         for number, line in enumerate(lines, 1):
             if not line or line.isspace():
                 continue
@@ -133,6 +131,15 @@ def iter_lines(path: Path, max_bytes: int = MAX_MESSAGE_BYTES) -> Iterator[tuple
                 yield oversized(Position(source, number), len(line), max_bytes)
                 continue
             yield Position(source, number), line
+
+
+def _open_lines(path: Path) -> BinaryIO:
+    """The file opened for binary line reading, through gzip when its name or its first two bytes say so."""
+    with open(path, "rb") as raw:
+        packed = raw.read(2) == b"\x1f\x8b"
+    if packed or path.name.endswith(".gz"):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")
 
 
 def oversized(position: Position, size: int, max_bytes: int) -> DeadLetter:
@@ -150,25 +157,33 @@ def _read_file(path: Path, in_directory: bool) -> Iterator[Item]:
         yield DeadLetter(Position(str(path)), f"cannot read file: {exc} (check permissions or re-export the file)")
 
 
-def _read_ndjson(path: Path) -> Iterator[Item]:
+def _read_ndjson(path: Path, max_bytes: int = MAX_MESSAGE_BYTES) -> Iterator[Item]:
     """Each line a resource; a Bundle line is read as its entries (all at the line's position), as a stream message
-    is (``iter_message``), so a file and a feed of the same lines decode alike. Inlined parse: the hot path."""
+    is (``iter_message``), so a file and a feed of the same lines decode alike.
+
+    The hot path of a bulk load: ``iter_lines`` and the parse are inlined here (one generator instead of two), with
+    the same blank-line, size and gzip rules.
+    """
     loads, decode_error = orjson.loads, orjson.JSONDecodeError
-    for item in iter_lines(path):
-        if item.__class__ is DeadLetter:
-            yield item  # type: ignore[misc]
-            continue
-        position, line = item  # type: ignore[misc]
-        try:
-            value = loads(line)
-        except decode_error as exc:
-            yield DeadLetter(position, f"invalid JSON: {exc.msg} at column {exc.pos + 1}")
-            continue
-        rtype = value.get("resourceType") if value.__class__ is dict else None
-        if rtype.__class__ is str and rtype != "Bundle":
-            yield position, value
-        else:
-            yield from _resources_in(value, position, entry_lines=False)
+    source = str(path)
+    with _open_lines(path) as lines:
+        for number, line in enumerate(lines, 1):
+            if len(line) > max_bytes:
+                if not line.isspace():
+                    yield oversized(Position(source, number), len(line), max_bytes)
+                continue
+            try:
+                value = loads(line)
+            except decode_error as exc:
+                if line.isspace():  # blank lines are allowed (and orjson refuses them): checked only on failure
+                    continue
+                yield DeadLetter(Position(source, number), f"invalid JSON: {exc.msg} at column {exc.pos + 1}")
+                continue
+            rtype = value.get("resourceType") if value.__class__ is dict else None
+            if rtype.__class__ is str and rtype != "Bundle":
+                yield Position(source, number), value
+            else:
+                yield from _resources_in(value, Position(source, number), entry_lines=False)
 
 
 def _read_json(path: Path, in_directory: bool) -> Iterator[Item]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from alerts.lifecycle import AlertBook
 from ingest import Decoder, IngestResult, SubjectKeyer, load, reason_category
+from ingest.load import cyclic_gc_paused
 from monitors.join import LabelJoin
 from monitors.streams import StreamMonitor
 from ontology import ConceptMaps, FactMapper, attributes, cells, definition_for
@@ -108,7 +109,8 @@ class Pipeline:
 
     def run_paths(self, paths: Iterable[Path | str], progress=None) -> RunResult:
         """Read files/directories, decode, and process everything in arrival order."""
-        return self.ingest(load(list(paths), self.decoder), progress)
+        with cyclic_gc_paused():  # a batch holds no reference cycles: the collector only re-scans a growing heap
+            return self.ingest(load(list(paths), self.decoder), progress)
 
     def ingest(self, loaded: IngestResult, progress=None) -> RunResult:
         """Process what a decoder produced (from files, or one batch of stream messages), in arrival order."""

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ingest import Checkpoint, Source, load_messages
 from ingest.kafka_source import KafkaSource
+from ingest.load import cyclic_gc_paused
 from vigil import __version__, checkpoint, offsets
 from vigil.observability import ingest_metrics
 from vigil.performance import compute_window_metrics
@@ -110,10 +111,11 @@ class Service:
             messages = source.poll(self.max_batch, self.poll_timeout)
             if messages:
                 got += len(messages)
-                loaded = load_messages(messages, self.pipeline.decoder)
+                with cyclic_gc_paused():
+                    loaded = load_messages(messages, self.pipeline.decoder)
+                    self.pipeline.ingest(loaded)
                 ingest_metrics().observe_counts(source.name, loaded.accepted, loaded.rejected, loaded.ignored, {},
                                                 [d.reason for d in loaded.dead_letters])
-                self.pipeline.ingest(loaded)
                 if self.pipeline.result.watermark is not None:
                     ingest_metrics().set_watermark(source.name, self.pipeline.result.watermark)
         self.report.messages += got
