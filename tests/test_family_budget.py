@@ -3,7 +3,7 @@
 A ``stable`` simulated feed has no change, so every alarm is a false alarm. The accounting (monitored exposure per
 metric, budgeted count, alarms = Σ ``Stream.alarms`` cross-checked against Σ ``Alert.fire_count``) is the one
 ``bench/false_alarms.py`` reports (re-stated here: ``bench`` is not importable under pytest); see its docstring and
-bench/RESULTS-budget.md for the method and the full-length results. Everything is real: the simulator writes FHIR
+BENCHMARKS.md §Family false-alarm budget for the method and the full-length results. Everything is real: the simulator writes FHIR
 NDJSON and the whole pipeline (decode, ontology, label join, streams, calibrated detectors, alert book) runs on it.
 Nothing is mocked.
 
@@ -95,7 +95,7 @@ def test_stable_feed_stays_within_the_configured_family_budget(configured: dict[
     run. Alone this check would pass for a detector that never alarms; the generous-budget test below rules that out.
     What it cannot see: at CI exposure (budget ≈ 0.2, quantile 2–3) only an over-spend of about 10× or more fails
     it. The known over-spend of the score-mean charts (about 5× their share, about 1.7× the family in expectation;
-    bench/RESULTS-budget.md) is therefore reported by the benchmark, not gated here.
+    BENCHMARKS.md §Family false-alarm budget) is therefore reported by the benchmark, not gated here.
     """
     devices = configured
     assert set(devices) == {"aki-risk", "cta-stenosis"}
