@@ -51,8 +51,8 @@ class Rejected(ValueError):
 def parse_datetime(text: str) -> datetime:
     """A FHIR date, dateTime or instant of any precision (YYYY, YYYY-MM, ...) → aware UTC; naive means UTC.
 
-    Not memoised: in a feed most timestamps are distinct (BENCHMARKS.md §Ingest fast path: 198,167 distinct of 231,566), and
-    ``datetime.fromisoformat`` (C, Python 3.11 reads "Z") costs about what a cache miss's bookkeeping does. A "Z" or
+    Not memoised: in a feed most timestamps are distinct (BENCHMARKS.md §Ingest fast path: 198,167 distinct of
+    231,566), and ``datetime.fromisoformat`` (C, Python 3.11 reads "Z") costs about what a cache miss's bookkeeping does. A "Z" or
     "+00:00" time already comes back in ``UTC``; ``astimezone`` would return the same object.
     """
     n = len(text)

@@ -74,8 +74,8 @@ def cyclic_gc_paused() -> Iterator[None]:
 
     For the caller that runs a batch end to end (``Pipeline.run_paths``, a service batch): a batch keeps everything
     it decodes, so the collector re-scans a heap that only grows, for nothing (parsed JSON, records, cases hold no
-    reference cycles). Measured (BENCHMARKS.md §Ingest fast path): about a fifth of the pipeline's CPU time when the pause
-    covers the whole run. Deliberately *not* used inside ``load`` alone: records left in the young generation are
+    reference cycles). Measured (BENCHMARKS.md §Ingest fast path): about a fifth of the pipeline's CPU time when
+    the pause covers the whole run. Deliberately *not* used inside ``load`` alone: records left in the young generation are
     then scanned by the next stage instead, and the pipeline as a whole got slower. If the collector is already off,
     it stays off. Not for strict mode, where fhir.resources and pydantic run per resource.
     """

@@ -1,4 +1,5 @@
-"""The ingest fast paths (BENCHMARKS.md §Ingest fast path) change speed, never what is found, stripped, keyed or parsed.
+"""The ingest fast paths (BENCHMARKS.md §Ingest fast path) change speed, never what is found, stripped, keyed or
+parsed.
 
 De-identification first: ``find_identifiers`` skips the element-by-element checks when a person's top-level keys
 cannot hold a direct identifier (``ingest.deid._SUSPECT_PERSON_KEYS``). Here it is compared, on random resources with

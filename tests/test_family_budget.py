@@ -3,8 +3,8 @@
 A ``stable`` simulated feed has no change, so every alarm is a false alarm. The accounting (monitored exposure per
 metric, budgeted count, alarms = Σ ``Stream.alarms`` cross-checked against Σ ``Alert.fire_count``) is the one
 ``bench/false_alarms.py`` reports (re-stated here: ``bench`` is not importable under pytest); see its docstring and
-BENCHMARKS.md §Family false-alarm budget for the method and the full-length results. Everything is real: the simulator writes FHIR
-NDJSON and the whole pipeline (decode, ontology, label join, streams, calibrated detectors, alert book) runs on it.
+BENCHMARKS.md §Family false-alarm budget for the method and the full-length results. Everything is real: the
+simulator writes FHIR NDJSON and the whole pipeline (decode, ontology, label join, streams, calibrated detectors, alert book) runs on it.
 Nothing is mocked.
 
 Reduced form: the feed is ``550 × VIGIL_SLOW_SCALE`` days (at least 110); CI runs scale 0.2 → 110 days, of which
