@@ -212,3 +212,27 @@ def test_vigil_run_consumes_a_configured_export_directory_and_a_restart_reads_no
     counts = runs[0].counts
     assert len(runs) == 2 and sum(counts["accepted"].values()) + sum(counts["ignored"].values()) > 7000
     assert counts["accepted"]["Patient"] == 13 and runs[1].counts == counts  # the restart added nothing
+
+
+def test_json_logs_are_one_object_per_line_and_carry_the_services_messages(tmp_path, monkeypatch):
+    """`vigil --log-format json` (env VIGIL_LOG_FORMAT): structured logs for shippers, with the service's messages."""
+    import logging
+
+    from typer.testing import CliRunner
+
+    from vigil.cli import app
+
+    synthea = Path(__file__).resolve().parents[2] / "shared" / "data" / "synthea-bulk-10"
+    monkeypatch.setenv("VIGIL_SOURCES", orjson.dumps([{"kind": "bulk-directory", "name": "synthea",
+                                                       "path": str(synthea)}]).decode())
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        out = CliRunner().invoke(app, ["--log-format", "json", "--log-level-root", "info", "run", "--once",
+                                       "--json", "--store", f"sqlite:///{tmp_path / 'vigil.db'}"])
+    finally:
+        root.handlers[:], root.level = saved
+    assert out.exit_code == 0, out.output
+    lines = [orjson.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
+    assert any(line["message"].startswith("vigil run: no checkpoint") and line["level"] == "INFO" for line in lines)
+    assert all({"ts", "level", "logger", "message"} <= line.keys() for line in lines)

@@ -17,6 +17,23 @@ from vigil.settings import DEFAULT_CONFIG, Settings, load_settings
 from vigil.store import session_factory, upgrade
 
 app = typer.Typer(help="vigil: post-market performance monitoring for AI medical devices.", no_args_is_help=True)
+
+
+@app.callback()
+def _logging(
+    log_format: Annotated[str, typer.Option("--log-format", envvar="VIGIL_LOG_FORMAT",
+                                            help="text, or json: one JSON object per line, for log shippers.")
+                          ] = "text",
+    log_level: Annotated[str, typer.Option("--log-level-root", envvar="VIGIL_LOG_LEVEL",
+                                           help="Level of vigil's own log (debug, info, warning, error).")] = "warning",
+) -> None:
+    """vigil: post-market performance monitoring for AI medical devices."""
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter(f"--log-format is text or json, got {log_format!r}", param_hint="--log-format")
+    if log_format == "json":
+        from vigil.observability import configure_json_logging
+
+        configure_json_logging(log_level)
 audit_app = typer.Typer(help="The hash-chained audit log.", no_args_is_help=True)
 dashboards_app = typer.Typer(help="Grafana dashboards built from code.", no_args_is_help=True)
 db_app = typer.Typer(help="The store's schema.", no_args_is_help=True)

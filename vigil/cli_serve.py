@@ -7,6 +7,7 @@ only (``vigil.auth``), and `tokens list` shows names, roles and dates — never 
 from __future__ import annotations
 
 import getpass
+import logging
 from typing import Annotated
 
 import typer
@@ -48,7 +49,7 @@ def serve(
     from vigil import notify, ticket_feed
     from vigil.api import create_app, require
     from vigil.auth import Permission
-    from vigil.observability import metrics_router
+    from vigil.observability import JsonFormatter, metrics_router
     from vigil.webhook import SubscriptionForwarder
 
     settings = load_settings(config, store_url=store)
@@ -68,8 +69,9 @@ def serve(
         metrics = metrics_router(url, dependencies=[Depends(require(Permission.READ_ALERTS))])
         forwarders += [SubscriptionForwarder(src) for src in settings.sources if isinstance(src, SubscriptionConfig)]
         routers = [metrics, *(f.router() for f in forwarders)]
+        json_logs = any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)
         uvicorn.run(create_app(url, extra_routers=routers, settings=settings), host=host, port=port,
-                    log_level=log_level)
+                    log_level=log_level, log_config=None if json_logs else uvicorn.config.LOGGING_CONFIG)
     finally:
         if scheduler is not None:
             scheduler.shutdown()
