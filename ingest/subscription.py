@@ -63,6 +63,9 @@ class SubscriptionConfig(BaseModel):
         None, description="`vigil serve` forwards the notified resources to this Kafka cluster ...")
     forward_topic: str | None = Field(None, description="... on this topic, which a `kafka` source of `vigil run` "
                                                         "consumes with the other feeds (one pipeline, one state)")
+    catch_up_base_url: str | None = Field(None, description="FHIR base URL re-read (`_lastUpdated` search of "
+                                                            "resource_types) when events are missing")
+    catch_up_auth_env: str | None = Field(None, description="env var holding the Authorization header for it")
 
 
 # --- parsing ---------------------------------------------------------------------------------------------------

@@ -85,3 +85,28 @@ def test_a_topic_that_cannot_be_written_answers_500_so_the_server_retries(mock_c
 def test_a_subscription_without_a_forward_topic_is_refused_with_what_to_set():
     with pytest.raises(ValueError, match="forward_bootstrap_servers and forward_topic"):
         SubscriptionForwarder(SubscriptionConfig(name="emr-hook"))
+
+
+def test_a_gap_is_caught_up_over_rest_and_the_lost_resources_are_forwarded(mock_cluster: MockCluster):
+    """Events 2–3 never arrive; with ``catch_up_base_url`` the endpoint re-reads from the last good event against a
+    FHIR server (tests/fhir_server.py, a real HTTP server on loopback) and forwards what it finds."""
+    from fhir_server import FhirServer
+
+    with FhirServer() as server:
+        server.add(*[_ra(f"ra-{n}", f"2026-02-01T10:0{n}:00Z") for n in range(1, 5)])
+        config = _config(mock_cluster.bootstrap).model_copy(update={"catch_up_base_url": server.base_url})
+        forwarder = SubscriptionForwarder(config, KafkaProducer(bootstrap_servers=mock_cluster.bootstrap,
+                                                                acks="all", api_version=(2, 3)))
+        client = _client(forwarder)
+        client.post("/fhir/subscription", content=r4_backport("handshake", 0), headers={"Content-Type": FHIR_JSON})
+        for n in (1, 4):
+            answer = client.post("/fhir/subscription", headers={"Content-Type": FHIR_JSON}, content=r4_backport(
+                "event-notification", n, [(n, f"2026-02-01T10:0{n}:00Z", f"RiskAssessment/ra-{n}")],
+                [_ra(f"ra-{n}", f"2026-02-01T10:0{n}:00Z")]))
+            assert answer.status_code == 200
+        forwarder.wait_for_catch_up()
+    assert [(q.first, q.last) for q in forwarder.catch_ups] == [(2, 3)]
+    assert forwarder.recovered == 4  # ra-1 (the last good event, re-read from its time) to ra-4
+    ids = [orjson.loads(r.value)["id"] for r in _consume(mock_cluster.bootstrap, 6)]
+    assert {"ra-2", "ra-3"} <= set(ids) and len(ids) == 6
+    forwarder.close()

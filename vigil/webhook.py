@@ -6,16 +6,30 @@ detects event-number gaps (``ingest.subscription``), and produces the notified r
 with ``acks=all`` *before* answering 200: a notification is acknowledged only once it is durable, and a failure to
 forward answers 500 so the FHIR server retries. Nothing is written to the database here: the payloads carry
 identifiers until the pipeline's decoder strips them.
+
+When events are missing (a gap in event numbers, or an empty payload) and ``catch_up_base_url`` is set, the lost
+resources are re-read with an incremental ``_lastUpdated`` search from the last good event (``ingest.rest_poll``) in
+a background thread and forwarded the same way; duplicates are harmless downstream (the pipeline keeps one version
+per resource). Without it the catch-up query is logged for the operator.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 
 from fastapi import APIRouter
 from kafka import KafkaProducer
 
-from ingest.subscription import NotificationResult, SubscriptionConfig, SubscriptionSource, subscription_router
+from ingest.rest_poll import RestPollSource, RestPollSourceConfig
+from ingest.sources import Checkpoint, Message
+from ingest.subscription import (
+    CatchUpQuery,
+    NotificationResult,
+    SubscriptionConfig,
+    SubscriptionSource,
+    subscription_router,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +48,61 @@ class SubscriptionForwarder:
         self.producer = producer or KafkaProducer(bootstrap_servers=config.forward_bootstrap_servers, acks="all",
                                                   retries=3, linger_ms=0)
         self.forwarded = 0
-        self.catch_ups: list = []  # gaps seen; the catch-up query is logged for the operator (not yet run here)
+        self.catch_ups: list[CatchUpQuery] = []  # gaps seen
+        self.recovered = 0  # resources re-read and forwarded by catch-up queries
+        self._catching_up: list[threading.Thread] = []
 
     def router(self) -> APIRouter:
         return subscription_router(self.source, self._forward)
 
     def _forward(self, result: NotificationResult) -> None:
-        messages = self.source.poll(1_000_000, 0.0)  # what this notification queued
-        futures = [self.producer.send(self.config.forward_topic, key=result.subscription.encode(), value=m.payload)
+        self._send(result.subscription, self.source.poll(1_000_000, 0.0))  # what this notification queued
+        if result.catch_up is not None:
+            self.catch_ups.append(result.catch_up)
+            if self.config.catch_up_base_url:
+                thread = threading.Thread(target=self._catch_up, args=(result.catch_up,), daemon=True,
+                                          name=f"catch-up {result.catch_up.subscription}")
+                self._catching_up.append(thread)
+                thread.start()
+            else:
+                log.warning("%s: events %d-%d of %s are missing and no catch_up_base_url is set: re-read %s "
+                            "from %s by hand", self.config.name, result.catch_up.first, result.catch_up.last,
+                            result.catch_up.subscription, ", ".join(result.catch_up.resource_types),
+                            result.catch_up.since)
+        if result.fetch:
+            log.warning("%s: id-only notification; %d resources must be fetched from the FHIR server",
+                        self.config.name, len(result.fetch))
+
+    def _send(self, subscription: str, messages: list[Message]) -> None:
+        futures = [self.producer.send(self.config.forward_topic, key=subscription.encode(), value=m.payload)
                    for m in messages]
         self.producer.flush(timeout=FORWARD_TIMEOUT_S)
         for future in futures:
             future.get(timeout=FORWARD_TIMEOUT_S)  # raises: the route answers 500 and the server retries
         self.forwarded += len(futures)
-        if result.catch_up is not None:
-            self.catch_ups.append(result.catch_up)
-        if result.fetch:
-            log.warning("%s: id-only notification; %d resources must be fetched from the FHIR server",
-                        self.config.name, len(result.fetch))
+
+    def _catch_up(self, query: CatchUpQuery) -> None:
+        """Re-read the lost events' resource types from the last good event and forward them."""
+        poller = RestPollSource(RestPollSourceConfig(
+            name=f"{self.config.name}-catch-up", base_url=self.config.catch_up_base_url,
+            resource_types=list(query.resource_types), auth_env=self.config.catch_up_auth_env))
+        poller.resume(Checkpoint(cursor=query.rest_cursor()))
+        try:
+            while not poller.exhausted:
+                messages = poller.poll(500, 0.0)
+                self._send(query.subscription, messages)
+                self.recovered += len(messages)
+            self.source.caught_up(query)
+            log.info("%s: caught up events %d-%d of %s (%d resources re-read)", self.config.name, query.first,
+                     query.last, query.subscription, self.recovered)
+        except Exception:  # the query stays outstanding; the next gap or a restart tries again
+            log.exception("%s: catch-up of events %d-%d failed", self.config.name, query.first, query.last)
+        finally:
+            poller.close()
+
+    def wait_for_catch_up(self, timeout: float = 30.0) -> None:
+        for thread in list(self._catching_up):
+            thread.join(timeout)
 
     def close(self) -> None:
         self.producer.close(timeout=FORWARD_TIMEOUT_S)
