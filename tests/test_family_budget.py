@@ -29,7 +29,7 @@ SLOW_SCALE = float(os.environ.get("VIGIL_SLOW_SCALE", "1.0"))
 DAYS = max(110, round(550 * SLOW_SCALE))  # 110 days in CI (scale 0.2), 550 at full scale
 SEED = 7  # the simulator's default seed, fixed before any result was seen
 VOLUME = 0.6  # ≈ 126 predictions a day over 2 devices × 3 sites: keeps the CI form under ~15 s of CPU
-GENEROUS = 100.0  # false alarms per year, 100 × the configured budget: ≈ 20 budgeted per device at 110 days
+GENEROUS = 400.0  # false alarms per year, 400 × the configured budget: ≈ 80 budgeted per device at 110 days
 LEVEL = 0.999
 
 
