@@ -38,6 +38,8 @@ from typing import Any, ClassVar
 import numpy as np
 from scipy.special import gammaln
 
+from monitors.detectors import restored, saved_state
+
 _MODELS = ("bernoulli", "normal", "normal_known_var")
 
 
@@ -167,22 +169,13 @@ class Bocpd:
         return ChangePoint(start, float(post[best]), float(min(1.0, near)), window)
 
     def state(self) -> dict[str, Any]:
-        return {
-            "type": type(self).__name__,
-            "params": {p: getattr(self, p) for p in self._params},
-            "state": {"n": self.n, "statistic": self.statistic, "drift_detected": self.drift_detected,
-                      "change_index": self.change_index, "reported": self._reported, "runs": self.runs.tolist(),
-                      "log_post": self.log_post.tolist(), "suff": self.suff.tolist()},
-        }
+        return saved_state(self, {p: getattr(self, p) for p in self._params},
+                           {"reported": self._reported, "runs": self.runs.tolist(), "log_post": self.log_post.tolist(),
+                            "suff": self.suff.tolist()})
 
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> Bocpd:
-        if d.get("type") != cls.__name__:
-            raise ValueError(f"state is for a {d.get('type')!r} detector, not {cls.__name__}")
-        detector = cls(**d["params"])
-        s = d["state"]
-        detector.n, detector.statistic = int(s["n"]), float(s["statistic"])
-        detector.drift_detected, detector.change_index = bool(s["drift_detected"]), s["change_index"]
+        detector, s = restored(cls, d)
         detector._reported = int(s["reported"])
         detector.runs = np.asarray(s["runs"], dtype=np.int64)
         detector.log_post = np.asarray(s["log_post"], dtype=float)

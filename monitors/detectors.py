@@ -31,6 +31,30 @@ class Detector(Protocol):
     def state(self) -> dict[str, Any]: ...
 
 
+COUNTERS = ("statistic", "n", "drift_detected", "change_index")
+"""The run counters every detector keeps (charts, ``monitors.bocpd.Bocpd``, the river adapters)."""
+
+
+def saved_state(detector: Any, params: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """The one ``state()`` layout: type, constructor ``params``, the common counters and the detector's ``own``
+    run state — JSON-serialisable, restored by ``restored``."""
+    return {"type": type(detector).__name__, "params": params,
+            "state": {**{f: getattr(detector, f) for f in COUNTERS}, **own}}
+
+
+def restored(cls: type, d: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """A ``cls`` built from a saved state's params with its counters restored, and the saved run state (for the
+    detector's own fields). Refuses a state saved by another detector type."""
+    if d.get("type") != cls.__name__:
+        raise ValueError(f"state is for a {d.get('type')!r} detector, not {cls.__name__}; "
+                         "use monitors.detectors.detector_from_state to restore any detector")
+    detector = cls(**d["params"])
+    state = d["state"]
+    for f in COUNTERS:
+        setattr(detector, f, state[f])
+    return detector, state
+
+
 class _Chart:
     """What every chart shares: counters, reset, and (de)serialisation of its parameters and run state."""
 
@@ -38,7 +62,6 @@ class _Chart:
     name: ClassVar[str]
     _params: ClassVar[tuple[str, ...]]  # constructor arguments (attribute names), saved in state()["params"]
     _fields: ClassVar[tuple[str, ...]]  # run state beyond the common counters, saved in state()["state"]
-    _COMMON: ClassVar[tuple[str, ...]] = ("statistic", "n", "drift_detected", "change_index")
 
     def reset(self) -> None:
         self.statistic = 0.0
@@ -52,20 +75,14 @@ class _Chart:
         raise NotImplementedError
 
     def state(self) -> dict[str, Any]:
-        return {
-            "type": type(self).__name__,
-            "params": {p: getattr(self, p) for p in self._params},
-            "state": {f: getattr(self, f) for f in self._COMMON + self._fields},
-        }
+        return saved_state(self, {p: getattr(self, p) for p in self._params},
+                           {f: getattr(self, f) for f in self._fields})
 
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> Self:
-        if d.get("type") != cls.__name__:
-            raise ValueError(f"state is for a {d.get('type')!r} detector, not {cls.__name__}; "
-                             "use monitors.detectors.detector_from_state to restore any detector")
-        detector = cls(**d["params"])
-        for f, value in d["state"].items():
-            setattr(detector, f, value)
+        detector, state = restored(cls, d)
+        for f in cls._fields:
+            setattr(detector, f, state[f])
         return detector
 
     def __repr__(self) -> str:

@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 
 from river import drift
 
+from monitors.detectors import restored, saved_state
+
 
 class RiverDetector:
     """Common adapter: counts, restart semantics and (de)serialisation around one river drift detector."""
@@ -67,22 +69,12 @@ class RiverDetector:
         return None  # river's detector gives no change-time estimate
 
     def state(self) -> dict[str, Any]:
-        return {
-            "type": type(self).__name__,
-            "params": self.params,
-            "state": {"n": self.n, "statistic": self.statistic, "drift_detected": self.drift_detected,
-                      "change_index": self.change_index,
-                      "river_pickle": base64.b64encode(pickle.dumps(self._river)).decode("ascii")},
-        }
+        return saved_state(self, self.params,
+                           {"river_pickle": base64.b64encode(pickle.dumps(self._river)).decode("ascii")})
 
     @classmethod
     def from_state(cls, d: dict[str, Any]) -> RiverDetector:
-        if d.get("type") != cls.__name__:
-            raise ValueError(f"state is for a {d.get('type')!r} detector, not {cls.__name__}")
-        detector = cls(**d["params"])
-        s = d["state"]
-        detector.n, detector.statistic = int(s["n"]), float(s["statistic"])
-        detector.drift_detected, detector.change_index = bool(s["drift_detected"]), s["change_index"]
+        detector, s = restored(cls, d)
         detector._river = pickle.loads(base64.b64decode(s["river_pickle"]))  # noqa: S301 — vigil's own state only
         return detector
 
