@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session
 
 from vigil import audit
 from vigil.domain import AlertState
+from vigil.listeners import Listeners
 from vigil.store import AlertCommentRow, AlertRow, utcnow
 
 FIRING, ACKNOWLEDGED, RESOLVED, SILENCED = (s.value for s in AlertState)
@@ -110,19 +111,13 @@ class Transition:
 
 
 TransitionListener = Callable[[Session, Transition], None]
-_listeners: list[TransitionListener] = []
+_listeners: Listeners[Transition] = Listeners()
 
 
 def subscribe(listener: TransitionListener) -> Callable[[], None]:
     """Call ``listener(session, transition)`` after every transition (expiries included), inside the caller's
     transaction; an exception in it rolls the transition back. Returns a function that unsubscribes it."""
-    _listeners.append(listener)
-    return lambda: _listeners.remove(listener)
-
-
-def _notify(session: Session, transition: Transition) -> None:
-    for listener in tuple(_listeners):
-        listener(session, transition)
+    return _listeners.subscribe(listener)
 
 
 def allowed_actions(state: str) -> tuple[str, ...]:
@@ -259,7 +254,7 @@ def expire_silences(session: Session, actor: str = "vigil-scheduler", now: datet
         alert.state = FIRING
         audit.record(session, actor, "alert.silence_expired", "alert", alert.id,
                      {"from": SILENCED, "to": FIRING, "silenced_until": alert.silenced_until}, at=at)
-        _notify(session, Transition(alert, "silence_expired", SILENCED, FIRING, actor, at))
+        _listeners.emit(session, Transition(alert, "silence_expired", SILENCED, FIRING, actor, at))
     session.flush()
     return [a.id for a in expired]
 
@@ -281,7 +276,7 @@ def _transition(session: Session, alert_id: str, action: str, who: str,
     audit.record(session, who, AUDIT_ACTIONS[action], "alert", alert_id,
                  {"from": previous, "to": target, **details, **(context or {})}, at=at)
     transition = Transition(alert, action, previous, target, who, at)
-    _notify(session, transition)
+    _listeners.emit(session, transition)
     return transition
 
 

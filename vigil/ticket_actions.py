@@ -26,6 +26,7 @@ from retrain_trigger.pccp import Pccp, load_pccp
 from retrain_trigger.tickets import TicketDraft, reclassify_ticket
 from vigil import audit
 from vigil.domain import PccpCategory
+from vigil.listeners import Listeners
 from vigil.settings import Settings
 from vigil.store import TicketRow, utcnow
 
@@ -61,21 +62,18 @@ class TicketEvent:
 
 
 TicketListener = Callable[[Session, TicketEvent], None]
-_listeners: list[TicketListener] = []
+_listeners: Listeners[TicketEvent] = Listeners()
 
 
 def subscribe(listener: TicketListener) -> Callable[[], None]:
     """Call ``listener(session, event)`` after every ticket change, inside the caller's transaction; an exception
     in it rolls the change back. Returns a function that unsubscribes it."""
-    _listeners.append(listener)
-    return lambda: _listeners.remove(listener)
+    return _listeners.subscribe(listener)
 
 
 def _emit(session: Session, row: TicketRow, event: str, who: str) -> None:
     session.flush()
-    change = TicketEvent(row, event, who, utcnow())
-    for listener in tuple(_listeners):
-        listener(session, change)
+    _listeners.emit(session, TicketEvent(row, event, who, utcnow()))
 
 
 def opened(session: Session, row: TicketRow, who: str) -> None:
