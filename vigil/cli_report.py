@@ -13,15 +13,9 @@ from typing import Annotated
 
 import orjson
 import typer
-from rich.console import Console
 
-from vigil.settings import DEFAULT_CONFIG, Settings
-
-console = Console()
-err = Console(stderr=True)
-
-StoreOpt = Annotated[str | None, typer.Option("--store", envvar="VIGIL_STORE_URL",
-                                              help="Store URL (default sqlite:///vigil.db in the working directory).")]
+from vigil.cli_common import JsonOpt, StoreOpt, console, err, existing_store
+from vigil.settings import DEFAULT_CONFIG
 
 
 def _print_json(obj: object) -> None:
@@ -55,16 +49,13 @@ def report(
     since: Annotated[str | None, typer.Option(help="Start of the period (UTC date or ISO time, inclusive).")] = None,
     until: Annotated[str | None, typer.Option(help="End of the period (UTC date or ISO time, exclusive).")] = None,
     pdf: Annotated[bool, typer.Option("--pdf", help="Also print FILE.pdf with headless Chromium.")] = False,
-    json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    json: JsonOpt = False,
 ) -> None:
     """Write the periodic surveillance report: summary, control charts, alerts and decisions, tickets, data coverage,
     and how to reproduce every figure."""
     from vigil.report import build_report
 
-    url = store or Settings.model_fields["store_url"].default
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
-        raise typer.BadParameter(f"no vigil store at {url}: run `vigil ingest` (or `vigil demo`) first, or pass "
-                                 "--store / VIGIL_STORE_URL", param_hint="--store")
+    url = existing_store(store)
     start, end = parse_utc(since, "--since"), parse_utc(until, "--until")
     if start and end and start >= end:
         raise typer.BadParameter(f"--since {since} is not before --until {until}", param_hint="--since")
@@ -98,7 +89,7 @@ def dashboards_push(
     datasource: Annotated[bool, typer.Option(
         "--datasource", help="Also create/update the PostgreSQL datasource from provisioning/datasources/vigil.yaml "
                              "(needs the VIGIL_GRAFANA_DB_* variables).")] = False,
-    json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    json: JsonOpt = False,
 ) -> None:
     """Upload the dashboards to a running Grafana (stable uids, one folder, overwrite): idempotent."""
     from dashboards.push import FOLDER_TITLE, PushError, provisioned_datasource, push_dashboards

@@ -23,16 +23,13 @@ from retrain_trigger.lifecycle import acceptance_criteria, deployable
 from retrain_trigger.manifest import ManifestError, build_manifest, verify_manifest
 from retrain_trigger.pccp import PccpError
 from vigil import ticket_actions
-from vigil.cli_common import JsonOpt, StoreOpt, console, err, existing_store, print_json
+from vigil.cli_common import ConfigOpt, JsonOpt, StoreOpt, console, err, existing_store, print_json
 from vigil.settings import DEFAULT_CONFIG, Settings, load_settings
 from vigil.store import TicketRow, session_factory, upgrade
 from vigil.ticket_actions import TicketLifecycleError, TicketNotFound
 
 tickets_app = typer.Typer(help="Retraining tickets and their PCCP category.", no_args_is_help=True)
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", envvar="VIGIL_CONFIG",
-                                         help="Config YAML naming each model's PCCP "
-                                                                "(default: the embedded example).")]
 ByOpt = Annotated[str, typer.Option("--by", help="Who does this (recorded in the audit log).")]
 
 
