@@ -154,10 +154,7 @@ class Pipeline:
         """Everything learned from the feed; not the settings, nor the decoder (it holds the subject-key secret)."""
         state = self.__dict__.copy()
         del state["settings"], state["decoder"]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+        return state  # pickle's default restore puts it back in __dict__; ``bind`` adds the rest
 
     def forget_stored_points(self) -> int:
         """After a store (service mode): drop the daily points no late label can change any more — older than the
@@ -272,7 +269,7 @@ class Pipeline:
                 continue
             pred = case.prediction
             self.result.corrections["relabeled: outcome amended or retracted"] += 1
-            run.unreleased[subject].discard(rid)
+            _settled(run, subject, rid)
             if case.label is Label.POSITIVE:
                 run.monitors[pred.model_version].correct("fnr", pred.site, self._cells(pred), float(not case.decision),
                                                          None, pred.time)
@@ -320,11 +317,7 @@ class Pipeline:
             pred = case.prediction
             if run.cases.get(pred.resource_id) is not case:  # retracted or relabeled since
                 continue
-            waiting = run.unreleased.get(pred.subject)
-            if waiting is not None:
-                waiting.discard(pred.resource_id)
-                if not waiting:
-                    del run.unreleased[pred.subject]
+            _settled(run, pred.subject, pred.resource_id)
             observe = run.monitors[pred.model_version].observe
             positive = case.label is Label.POSITIVE
             cells_ = self._cells(pred)
@@ -380,7 +373,7 @@ class Pipeline:
     def _plan_tickets(self) -> None:
         """Group each model version's alerts into root causes and classify them against the device's PCCP.
 
-        Planned afresh after every batch from all open alerts: a stored ticket is matched to its alerts when persisted.
+        Planned afresh after every batch from all alerts: a stored ticket is matched to its alerts when persisted.
         """
         self.result.tickets = []
         for model_id, run in sorted(self.result.models.items()):
@@ -404,6 +397,15 @@ class Pipeline:
                 d = self.devices[device_id]
                 changes.append(AcquisitionChange(site, first, d.manufacturer or "unknown", d.model or "unknown"))
         return changes
+
+
+def _settled(run: ModelRun, subject: str, rid: str) -> None:
+    """The case can no longer be relabeled (its window closed, or it was relabeled): stop tracking it."""
+    waiting = run.unreleased.get(subject)
+    if waiting is not None:
+        waiting.discard(rid)
+        if not waiting:
+            del run.unreleased[subject]
 
 
 def _terminology(settings: Settings) -> ServerFallback | None:
