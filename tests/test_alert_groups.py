@@ -67,3 +67,24 @@ def test_an_overall_alert_arriving_later_adopts_the_open_alerts_below_it(tmp_pat
     assert overall.parent_id is None
     assert rows[("site-a", "all", "fnr")].parent_id == overall.id
     assert rows[("site-b", "age_band=80+", "fnr")].parent_id == overall.id
+
+
+def test_a_grouped_alert_firing_again_is_still_told_only_through_its_parent(tmp_path):
+    url = f"sqlite:///{tmp_path / 'vigil.db'}"
+    upgrade(url)
+    book = AlertBook()
+    book.fire(_signal("site-b", "all"))
+    book.fire(_signal("site-b", "age_band=80+", 1))
+    factory = session_factory(url)
+    result = RunResult(alerts=book)
+    with factory() as s, s.begin():
+        store_results(s, result, ROUTING)
+    book.fire(_signal("site-b", "age_band=80+", 4))  # the subgroup stream alarms again
+    with factory() as s, s.begin():
+        store_results(s, result, ROUTING)
+    with factory() as s:
+        child = s.scalars(select(AlertRow).where(AlertRow.subgroup == "age_band=80+")).one()
+        queued = [o.alert_id for o in s.scalars(select(OutboxRow))]
+    factory.kw["bind"].dispose()
+    assert child.fire_count == 2 and child.parent_id is not None
+    assert child.id not in queued and len(queued) == 1

@@ -219,7 +219,7 @@ def _alerts(session, result: RunResult, routing: RoutingConfig, incremental: boo
         elif row is not None and row.state in OPEN_STATES:
             if alert.fire_count != stored_fires:
                 _refire(session, row, alert, alert.fire_count - stored_fires if stored_id else alert.fire_count)
-                notify.enqueue(session, row, "firing", routing)
+                _notify(session, row, "firing", routing)
         else:
             row = AlertRow.from_alert(alert)
             row.id = next_id(session, AlertRow, "A")
@@ -228,8 +228,8 @@ def _alerts(session, result: RunResult, routing: RoutingConfig, incremental: boo
             session.add(row)
             session.flush()
             audit.record(session, ACTOR, "alert.fired", "alert", row.id, _alert_payload(row))
-            if not _group(session, row):  # a grouped alert is told through its parent's notification
-                notify.enqueue(session, row, "firing", routing)
+            _group(session, row)
+            _notify(session, row, "firing", routing)
         ids[alert.id] = row.id
         if resolved and row.state in OPEN_STATES:
             _back_in_control(session, row, alert, routing)
@@ -238,10 +238,17 @@ def _alerts(session, result: RunResult, routing: RoutingConfig, incremental: boo
     return ids
 
 
-def _group(session, row: AlertRow) -> bool:
+def _notify(session, row: AlertRow, event: str, routing: RoutingConfig) -> None:
+    """Queue the notifications of ``event``; an alert grouped under a parent is told through its parent's, so it
+    queues none of its own (firing, re-fire or resolution)."""
+    if row.parent_id is None:
+        notify.enqueue(session, row, event, routing)
+
+
+def _group(session, row: AlertRow) -> None:
     """Hierarchy (issue: one change, one signal): put ``row`` under the open alert of its parent stream — the same
     metric and detector at its site for all subgroups, else across all sites for its subgroup, else overall — and
-    adopt the open alerts of its own child streams. Returns whether ``row`` itself was grouped under a parent."""
+    adopt the open alerts of its own child streams."""
     same = (AlertRow.model == row.model, AlertRow.model_version == row.model_version, AlertRow.metric == row.metric,
             AlertRow.detector == row.detector, AlertRow.state.in_(OPEN_STATES), AlertRow.id != row.id)
     parents = [(site, sub) for site, sub in ((row.site, ALL), (ALL, row.subgroup), (ALL, ALL))
@@ -252,12 +259,11 @@ def _group(session, row: AlertRow) -> bool:
         if parent is not None:
             row.parent_id = parent.id
             audit.record(session, ACTOR, "alert.grouped", "alert", row.id, {"parent": parent.id})
-            return True
+            return
     for child in candidates:
         if (row.site in (ALL, child.site)) and (row.subgroup in (ALL, child.subgroup)):
             child.parent_id = row.id
             audit.record(session, ACTOR, "alert.grouped", "alert", child.id, {"parent": row.id})
-    return False
 
 
 def _stored_match(session, alert) -> AlertRow | None:
@@ -276,7 +282,7 @@ def _back_in_control(session, row: AlertRow, alert, routing: RoutingConfig) -> N
     audit.record(session, ACTOR, "alert.auto_resolved", "alert", row.id,
                  {"reason": "back in control: no alarm since the last firing", "last_fired_at":
                   row.last_fired_at.isoformat(), "resolved_at": alert.resolved_at.isoformat()})
-    notify.enqueue(session, row, "resolved", routing)
+    _notify(session, row, "resolved", routing)
 
 
 def _refire(session, existing: AlertRow, alert, new_fires: int) -> None:
