@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -40,7 +40,6 @@ class ServiceReport:
     commits: int = 0
     checkpoint_bytes: int = 0
     run_id: int | None = None
-    stored_ids: dict[str, str] = field(default_factory=dict)  # provisional alert/ticket keys → stored ids
 
 
 class Service:
@@ -59,8 +58,7 @@ class Service:
         self.pipeline: Pipeline | None = None
         self._run: RunRow | None = None
 
-    def run(self, once: bool = False, stop: threading.Event | None = None,
-            after_commit: Callable[[ServiceReport], None] | None = None) -> ServiceReport:
+    def run(self, once: bool = False, stop: threading.Event | None = None) -> ServiceReport:
         """Consume until ``stop`` is set, or with ``once`` until every source is exhausted."""
         stop = stop or threading.Event()
         upgrade(self.settings.store_url)
@@ -76,8 +74,6 @@ class Service:
                 if dirty and (idle or time.monotonic() - last_commit >= self.commit_every):
                     self._commit(factory, final=False)
                     dirty, last_commit = False, time.monotonic()
-                    if after_commit is not None:
-                        after_commit(self.report)
                 if once and idle and all(s.exhausted for s in self.sources):
                     break
             self._commit(factory, final=True)
@@ -126,7 +122,7 @@ class Service:
         with factory() as session, session.begin():
             if self._run.id is None:
                 record_config(session, self.settings)
-            self.report.stored_ids.update(store_results(session, result, self.settings.routing))
+            store_results(session, result, self.settings.routing)
             for source in self.sources:
                 offsets.save_checkpoint(session, source.name, source.checkpoint())
             if final:  # windowed AUROC, O/E, calibration: re-read from all stored cases, so once per run
