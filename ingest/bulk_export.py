@@ -279,11 +279,8 @@ class BulkExportSource:
                 self.cursor.file += 1
                 self.cursor.line = 0
                 continue
-            position, line = item
-            if position.line <= self.cursor.line:  # handed out before a restart
-                continue
-            self.cursor.line = position.line
-            out.append(Message(position, line.rstrip(b"\r\n")))
+            if (message := _fresh(item, self.cursor)) is not None:
+                out.append(message)
         return out
 
     def _open(self, file: ManifestFile) -> None:
@@ -320,6 +317,15 @@ def _safe(url: str) -> str:
 
 
 # --- an export already on disk ------------------------------------------------------------------------------------
+
+
+def _fresh(item: tuple[Position, bytes], cursor) -> Message | None:
+    """The line as a message, moving ``cursor.line`` on — or None if it was handed out before a restart."""
+    position, line = item
+    if position.line <= cursor.line:
+        return None
+    cursor.line = position.line
+    return Message(position, line.rstrip(b"\r\n"))
 
 
 class BulkDirectorySourceConfig(BaseModel):
@@ -376,11 +382,8 @@ class BulkDirectorySource:
             if item is None:
                 self._next_file()
                 continue
-            position, line = item
-            if position.line <= self.position.line:  # handed out before a restart
-                continue
-            self.position.line = position.line
-            out.append(Message(position, line.rstrip(b"\r\n")))
+            if (message := _fresh(item, self.position)) is not None:
+                out.append(message)
         return out
 
     def _next_file(self) -> None:
