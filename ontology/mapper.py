@@ -135,3 +135,20 @@ def _canonical_units(outcomes: Sequence[OutcomeConfig]) -> dict[tuple[str, str],
             )
         units[key] = (cfg.unit, cfg.ref)
     return {key: unit for key, (unit, _) in units.items()}
+
+
+SHORT_SYSTEM_NAMES = {
+    "http://loinc.org": "loinc",
+    "http://snomed.info/sct": "snomed",
+    "http://hl7.org/fhir/sid/icd-10-cm": "icd10cm",
+    "http://hl7.org/fhir/sid/icd-10": "icd10",
+    "http://www.ama-assn.org/go/cpt": "cpt",
+    "http://www.nlm.nih.gov/research/umls/rxnorm": "rxnorm",
+}
+
+
+def code_system_cell(fact: Fact) -> str:
+    """The stream cell of a fact's code system ("code_system=loinc"; a local system by its URI), so mapping
+    coverage is followed per site *and* code system: a site whose lab system changes its codes shows there."""
+    system = fact.codings[0].system if fact.codings else "none"
+    return f"code_system={SHORT_SYSTEM_NAMES.get(system, system)}"

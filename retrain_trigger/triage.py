@@ -19,7 +19,8 @@ from datetime import datetime, timedelta
 from retrain_trigger.pccp import inside_ifu, parse_cell
 from vigil.domain import ALL, Alert
 
-DATA_QUALITY_METRICS = frozenset({"unmapped_rate", "missing_rate", "duplicate_rate", "schema_mismatch_rate"})
+DATA_QUALITY_METRICS = frozenset({"unmapped_rate", "no_followup_rate", "missing_rate", "duplicate_rate",
+                                  "schema_mismatch_rate"})
 SCORE_METRICS = frozenset({"score_mean"})
 PREVALENCE_METRICS = frozenset({"outcome_rate"})
 

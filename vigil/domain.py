@@ -96,6 +96,7 @@ class Prediction:
     site: str | None = None
     received: datetime | None = None  # meta.lastUpdated: when the feed delivered it
     attributes: dict[str, str] = field(default_factory=dict)  # subgroup attributes, filled by ontology
+    cells: list[str] = field(default_factory=list)  # the stream cells of those attributes ("all", "sex=female", …)
 
 
 @dataclass(slots=True)

@@ -21,6 +21,7 @@ from ingest.load import cyclic_gc_paused
 from monitors.join import LabelJoin
 from monitors.streams import StreamMonitor
 from ontology import ConceptMaps, FactMapper, attributes, cells, definition_for
+from ontology.mapper import code_system_cell
 from ontology.terminology import ServerFallback, TerminologyClient
 from retrain_trigger import AcquisitionChange, Pccp, TicketDraft, TriageContext, load_pccp, plan_tickets
 from vigil.domain import (
@@ -39,6 +40,7 @@ from vigil.domain import (
 from vigil.settings import ModelConfig, Settings
 
 REFERENCE_TYPES = (SiteInfo, DeviceInfo, SubjectInfo, EncounterInfo)
+ENCOUNTER_RETENTION = timedelta(days=365)  # kept beyond the horizon: stays that long still resolve their site
 _CORRECTIONS = ("amended", "corrected", "entered-in-error")  # outcome statuses that may change a decided label
 
 
@@ -54,6 +56,14 @@ class ModelRun:
     closing: list[tuple[datetime, int, Case]] = field(default_factory=list)  # heap by window close
     unreleased: dict[str, set[str]] = field(default_factory=dict)  # subject → labeled cases still before close
     scanners: dict[tuple[str, str], datetime] = field(default_factory=dict)  # (site, device) → first use
+    measured: dict[str, datetime] = field(default_factory=dict)  # subject → latest fact its outcome can use
+
+    def followed_up(self, pred: Prediction, any_fact: dict[str, datetime]) -> bool:
+        """Whether the feed delivered follow-up for this prediction by its window's close: a fact dated after it that
+        the outcome definition can use (a lab-rise outcome needs measurements) — or, for a code-set outcome, whose
+        negatives rest on the *absence* of a code, any fact about the subject at all."""
+        latest = (self.measured if self.config.outcome.kind == "lab_rise" else any_fact).get(pred.subject)
+        return latest is not None and latest >= pred.time
 
 
 @dataclass
@@ -64,6 +74,7 @@ class RunResult:
     duplicates: Counter = field(default_factory=Counter)
     stripped: Counter = field(default_factory=Counter)
     corrections: Counter = field(default_factory=Counter)  # amendments/retractions the join could not yet apply
+    late: Counter = field(default_factory=Counter)  # events older than every label horizon on arrival, by type
     unmapped: Counter = field(default_factory=Counter)  # (site, system, code) → count
     terminology_unavailable: Counter = field(default_factory=Counter)  # (site, system) → facts not asked (outage)
     dead_letters: list[DeadLetter] = field(default_factory=list)
@@ -100,10 +111,17 @@ class Pipeline:
         self.devices: dict[str, DeviceInfo] = {}
         self.subjects: dict[str, SubjectInfo] = {}
         self.encounters: dict[str, EncounterInfo] = {}
-        self._versions: dict[tuple[str, str], str] = {}
+        self._versions: dict[tuple[str, str], tuple[str, datetime]] = {}  # dedupe: (version, forget after)
+        self._version_expiry: list[tuple[datetime, tuple[str, str]]] = []  # heap: when a key may leave _versions
         self._subject_models: dict[str, set[str]] = defaultdict(set)
         self._subject_site: dict[str, str] = {}
+        self._followed_up: dict[str, datetime] = {}  # subject → clinical time of the latest fact received
         self._seq = 0  # tiebreak in the closing heaps: cases closing at the same instant keep arrival order
+        # how far behind the watermark an event may still change a label: the longest window + grace + baseline
+        # lookback of any model, plus the day ``prune_facts`` keeps (an older event is ``late``)
+        self.horizon = max((_fact_horizon(m) for m in settings.models), default=timedelta(days=1))
+        self._encounter_starts: list[tuple[datetime, str]] = []  # heap, to forget old encounters
+        self._next_day: datetime | None = None  # midnight after the watermark: daily housekeeping is due then
 
     # --- entry points ----------------------------------------------------------------------------------
 
@@ -131,10 +149,11 @@ class Pipeline:
             else:
                 events.append((position, rec))
         events.sort(key=_arrival_order)
-        events = [(p, e) for p, e in events if not self._is_duplicate(e)]
         for i, (position, event) in enumerate(events):
             watermark = event.received or event.time
             self._advance(watermark)  # windows that closed before this event arrived close first
+            if self._late(event, position) or self._is_duplicate(event):
+                continue
             if isinstance(event, Prediction):
                 self._on_prediction(event, watermark, position)
             else:
@@ -186,16 +205,51 @@ class Pipeline:
             self.subjects[rec.subject] = rec
         else:
             self.encounters[rec.encounter] = rec
+            if rec.start is not None:
+                heapq.heappush(self._encounter_starts, (rec.start, rec.encounter))
+
+    def _late(self, event: Prediction | Fact, position: Position) -> bool:
+        """An event older than the horizon on arrival can no longer change any label: every window it could bear on
+        closed, and the facts it would need may be gone (``prune_facts``). Counted in ``late``, never joined; a late
+        prediction is also dead-lettered (it is lost to monitoring, and an operator should see why)."""
+        run = self.result.models.get(event.model_id) if isinstance(event, Prediction) else None
+        horizon = _prediction_horizon(run.config) if run is not None else self.horizon
+        if event.time >= self.result.watermark - horizon:
+            return False
+        rtype = event.resource_type if isinstance(event, Fact) else "RiskAssessment"
+        self.result.late[rtype] += 1
+        if isinstance(event, Prediction):
+            days = (self.result.watermark - event.time) / timedelta(days=1)
+            self._reject(DeadLetter(position, f"RiskAssessment/{event.resource_id}: arrived {days:.0f} days after "
+                                    f"its prediction time, after its label window and grace closed "
+                                    f"(+1 day): too late to be labeled, not monitored",
+                                    "RiskAssessment", event.resource_id))
+            self.result.accepted["RiskAssessment"] -= 1  # decoded, but it does not enter the flow
+        return True
 
     def _is_duplicate(self, event: Prediction | Fact) -> bool:
-        """Replays and re-sent versions count once: keep a version only if it is newer than the last one seen."""
+        """Replays and re-sent versions count once: keep a version only if it is newer than the last one seen.
+
+        Versions are remembered until the event leaves the horizon (then a replay of it is ``late`` anyway), so the
+        dedupe state is bounded by the horizon, not by the length of the feed."""
         key = (event.resource_type if isinstance(event, Fact) else "RiskAssessment", event.resource_id)
         seen = self._versions.get(key)
-        if seen is not None and _version_order(event.version_id) <= _version_order(seen):
+        if seen is not None and _version_order(event.version_id) <= _version_order(seen[0]):
             self.result.duplicates[key[0]] += 1
             return True
-        self._versions[key] = event.version_id
+        expires = event.time + self.horizon
+        if seen is None or expires > seen[1]:
+            heapq.heappush(self._version_expiry, (expires, key))
+        self._versions[key] = (event.version_id, max(expires, seen[1]) if seen else expires)
         return False
+
+    def _forget_versions(self, watermark: datetime) -> None:
+        """Drop the versions of resources whose every version is now beyond the horizon."""
+        while self._version_expiry and self._version_expiry[0][0] < watermark:
+            expires, key = heapq.heappop(self._version_expiry)
+            seen = self._versions.get(key)
+            if seen is not None and seen[1] <= expires:
+                del self._versions[key]
 
     # --- events ----------------------------------------------------------------------------------------
 
@@ -225,6 +279,7 @@ class Pipeline:
             key = (pred.site, scanner.device_id)
             run.scanners[key] = min(run.scanners.get(key, pred.time), pred.time)
         pred.attributes = attributes(self.subjects.get(pred.subject), scanner, pred.time, self.settings.subgroups)
+        pred.cells = cells(pred.attributes, self.settings.subgroups)  # once: every metric of it counts in these
         self._subject_models[pred.subject].add(pred.model_id)
         self._subject_site[pred.subject] = pred.site
         monitor = self._monitor(run, pred)
@@ -239,10 +294,13 @@ class Pipeline:
         encounter = self.encounters.get(fact.encounter or "")
         fact.site = (encounter.site if encounter else None) or self._subject_site.get(fact.subject) or "unknown"
         of = self.mapper.map(fact)
+        if fact.status != "entered-in-error":
+            _latest(self._followed_up, fact.subject, fact.time)
+        coverage = [ALL, code_system_cell(fact)]  # mapping coverage per site, and per site and code system
         for model_id in sorted(self._subject_models.get(fact.subject, ())):
             run = self.result.models[model_id]
             for monitor in run.monitors.values():
-                self._signals(monitor.observe("unmapped_rate", fact.site, [ALL], float(not of.mapped), fact.time,
+                self._signals(monitor.observe("unmapped_rate", fact.site, coverage, float(not of.mapped), fact.time,
                                               watermark))
         if not of.mapped:
             return
@@ -250,6 +308,8 @@ class Pipeline:
         # (a baseline creatinine is drawn before the risk score)
         for model_id, run in sorted(self.result.models.items()):
             if run.join.definition.relevant(of):
+                if fact.status != "entered-in-error":
+                    _latest(run.measured, fact.subject, fact.time)
                 for case in run.join.add_fact(of):
                     self._on_case(run, case, watermark)
                 if fact.status in _CORRECTIONS or fact.version_id not in ("", "1"):
@@ -324,24 +384,37 @@ class Pipeline:
             self._signals(observe("error_rate", pred.site, cells_, float(case.decision != positive), pred.time,
                                   watermark))
             self._signals(observe("outcome_rate", pred.site, cells_, float(positive), pred.time, watermark))
+            self._signals(observe("no_followup_rate", pred.site, cells_, float(not run.followed_up(pred, self._followed_up)),
+                                  pred.time, watermark))
             if not positive:
                 self._signals(observe("fpr", pred.site, cells_, float(case.decision), pred.time, watermark))
 
     def _advance(self, watermark: datetime) -> None:
-        new_day = self.result.watermark is None or watermark.date() != self.result.watermark.date()
         self.result.watermark = watermark
+        new_day = self._next_day is None or watermark >= self._next_day
+        if new_day:
+            self._next_day = watermark.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+            self._forget_versions(watermark)
+            self._forget_encounters(watermark)
         for run in self.result.models.values():
             for case in run.join.advance(watermark):
                 self._on_case(run, case, watermark)
             if new_day:  # bounded state: facts too old to label anything still to come
-                cfg = run.config
-                run.join.prune_facts(watermark - cfg.label_window - cfg.label_grace - cfg.outcome.baseline_lookback
-                                     - timedelta(days=1))
+                run.join.prune_facts(watermark - _fact_horizon(run.config))
             for monitor in run.monitors.values():
                 self._signals(monitor.advance(watermark))
         after = self.settings.monitors.auto_resolve_after
         if new_day and after is not None:
             self.result.alerts.auto_resolve(watermark, after, self._in_control)
+
+    def _forget_encounters(self, watermark: datetime) -> None:
+        """Encounters that began a year before the horizon: an event inside one of them would be ``late``."""
+        cutoff = watermark - self.horizon - ENCOUNTER_RETENTION
+        while self._encounter_starts and self._encounter_starts[0][0] < cutoff:
+            start, encounter = heapq.heappop(self._encounter_starts)
+            info = self.encounters.get(encounter)
+            if info is not None and info.start == start:
+                del self.encounters[encounter]
 
     # --- helpers ---------------------------------------------------------------------------------------
 
@@ -359,8 +432,9 @@ class Pipeline:
                 run.config, pred.model_version, self.settings.monitors, self.settings.subgroups, start)
         return monitor
 
-    def _cells(self, pred: Prediction) -> list[str]:
-        return cells(pred.attributes, self.settings.subgroups)
+    @staticmethod
+    def _cells(pred: Prediction) -> list[str]:
+        return pred.cells
 
     def _signals(self, signals) -> None:
         for signal in signals:
@@ -399,6 +473,13 @@ class Pipeline:
         return changes
 
 
+def _latest(times: dict[str, datetime], subject: str, at: datetime) -> None:
+    if at > times.get(subject, at):
+        times[subject] = at
+    else:
+        times.setdefault(subject, at)
+
+
 def _settled(run: ModelRun, subject: str, rid: str) -> None:
     """The case can no longer be relabeled (its window closed, or it was relabeled): stop tracking it."""
     waiting = run.unreleased.get(subject)
@@ -406,6 +487,16 @@ def _settled(run: ModelRun, subject: str, rid: str) -> None:
         waiting.discard(rid)
         if not waiting:
             del run.unreleased[subject]
+
+
+def _prediction_horizon(model: ModelConfig) -> timedelta:
+    """A prediction older than this on arrival has a closed window and may have lost the facts it needed."""
+    return model.label_window + model.label_grace + timedelta(days=1)
+
+
+def _fact_horizon(model: ModelConfig) -> timedelta:
+    """A fact older than this on arrival bears on no window that is still open (the facts ``prune_facts`` keeps)."""
+    return _prediction_horizon(model) + model.outcome.baseline_lookback
 
 
 def _terminology(settings: Settings) -> ServerFallback | None:
