@@ -95,7 +95,7 @@ def record_run(session: Session, run: RunRow, result: RunResult, final: bool = T
     run.counts = {
         "accepted": dict(result.accepted), "rejected": dict(result.rejected), "ignored": dict(result.ignored),
         "duplicates": dict(result.duplicates), "stripped": dict(result.stripped),
-        "corrections": dict(result.corrections), "cases": len(result.cases), "alerts": len(result.alerts.alerts),
+        "corrections": dict(result.corrections), "cases": result.case_count, "alerts": len(result.alerts.alerts),
         "tickets": len(result.tickets),
     }
     run.finished_at = datetime.now(UTC) if final else None

@@ -84,9 +84,16 @@ class RunResult:
     tickets: list[TicketDraft] = field(default_factory=list)
     watermark: datetime | None = None
 
+    forgotten_cases: int = 0  # settled, stored cases dropped from memory (service mode)
+
     @property
     def cases(self) -> list[Case]:
+        """The cases in memory: all of them in a one-shot run; in service mode, those not yet settled and stored."""
         return [c for run in self.models.values() for c in run.cases.values()]
+
+    @property
+    def case_count(self) -> int:
+        return self.forgotten_cases + sum(len(run.cases) for run in self.models.values())
 
     def mark_stored(self) -> None:
         """The store now holds every case and dead letter so far (its transaction committed): forget the deltas."""
@@ -175,16 +182,25 @@ class Pipeline:
         del state["settings"], state["decoder"]
         return state  # pickle's default restore puts it back in __dict__; ``bind`` adds the rest
 
-    def forget_stored_points(self) -> int:
-        """After a store (service mode): drop the daily points no late label can change any more — older than the
-        watermark minus each model's label window and grace — and already in the store."""
-        if self.result.watermark is None:
+    def forget_stored(self) -> int:
+        """After a store (service mode), drop what the store holds and no event can change any more, so memory and the
+        checkpoint stay bounded by the label horizon: daily points older than each model's label window and grace
+        (plus a day), and settled cases whose prediction is beyond the horizon (an event about them is ``late``).
+        Returns how many points and cases were dropped."""
+        watermark = self.result.watermark
+        if watermark is None:
             return 0
         dropped = 0
         for run in self.result.models.values():
-            horizon = self.result.watermark - run.config.label_window - run.config.label_grace - timedelta(days=1)
+            horizon = watermark - _prediction_horizon(run.config)
             for monitor in run.monitors.values():
                 dropped += monitor.forget_points(horizon)
+            settled = [rid for rid, case in run.cases.items() if case.prediction.time < horizon
+                       and (run.config.id, rid) not in self.result.unsaved]
+            for rid in settled:
+                del run.cases[rid]
+            self.result.forgotten_cases += len(settled)
+            dropped += len(settled)
         return dropped
 
     def bind(self, settings: Settings) -> Pipeline:

@@ -129,7 +129,7 @@ class Service:
                 compute_window_metrics(session, self.settings)
             self._run = record_run(session, self._run, result, final=final)
             result.mark_stored()  # before the checkpoint, so a restore does not store these deltas again
-            self.pipeline.forget_stored_points()  # bounded memory: stored days that can no longer change
+            self.pipeline.forget_stored()  # bounded memory: stored days and cases that can no longer change
             self.report.checkpoint_bytes = checkpoint.save(session, self.pipeline, self.settings,
                                                            self.checkpoint_name)
         self.report.commits += 1
