@@ -9,7 +9,8 @@ import pytest
 
 from test_pipeline import _aki_world, _creatinine, _ndjson
 from vigil.domain import ALL
-from vigil.pipeline import ENCOUNTER_RETENTION, Pipeline
+from ingest import load
+from vigil.pipeline import ENCOUNTER_RETENTION, REFERENCE_TYPES, Pipeline, _arrival_order
 from vigil.scenarios import RIVERSIDE_DX
 from vigil.settings import load_settings
 from vigil.simulator import simulate
@@ -62,11 +63,17 @@ def test_a_fact_older_than_every_horizon_is_counted_late_and_its_replay_is_not_a
     assert ("Observation", "cr-new") in p._versions
 
 
-def test_dedupe_and_encounter_state_stay_bounded_over_a_long_feed(tmp_path):
+@pytest.fixture(scope="module")
+def long_feed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stable-200d")
+    simulate("stable", out, seed=3, days=200, volume=0.3)
+    return out
+
+
+def test_dedupe_and_encounter_state_stay_bounded_over_a_long_feed(long_feed):
     """200 simulated days: the dedupe map holds about a horizon's worth of resources, not the whole feed."""
-    simulate("stable", tmp_path, seed=3, days=200, volume=0.3)
     p = Pipeline(load_settings())
-    result = p.run_paths([tmp_path])
+    result = p.run_paths([long_feed])
     events = sum(result.accepted.values())
     assert events > 20_000
     versions_at_end = len(p._versions)
@@ -78,6 +85,30 @@ def test_dedupe_and_encounter_state_stay_bounded_over_a_long_feed(tmp_path):
     assert all(e.start >= result.watermark - timedelta(days=horizon_days + 1)
                for e in p.encounters.values() if e.start is not None)
     assert result.late == {} and result.dead_letters == []  # a healthy feed has nothing late
+
+
+def test_service_mode_forgets_settled_cases_and_ends_with_the_one_shot_results(long_feed):
+    """Fed in 40 batches with a store after each (as ``vigil run`` does), the pipeline keeps only the cases inside the
+    horizon in memory, yet counts and alerts exactly what one pass over the whole feed does."""
+    settings = load_settings()
+    whole = Pipeline(settings).run_paths([long_feed])
+    p = Pipeline(settings)
+    loaded = load([long_feed], p.decoder)
+    reference = [(pos, r) for pos, r in loaded.records if isinstance(r, REFERENCE_TYPES)]
+    events = sorted(((pos, r) for pos, r in loaded.records if not isinstance(r, REFERENCE_TYPES)),
+                    key=_arrival_order)
+    p.process(reference)
+    peak = 0
+    for i in range(40):
+        p.process(events[i * len(events) // 40:(i + 1) * len(events) // 40])
+        p.result.mark_stored()
+        p.forget_stored()
+        peak = max(peak, len(p.result.cases))
+    assert p.result.case_count == len(whole.cases) > 5_000
+    assert p.result.forgotten_cases > 0.5 * len(whole.cases)
+    assert peak < 0.6 * len(whole.cases)
+    assert [(str(a.signal.stream), a.signal.detected_at) for a in p.result.alerts.alerts] == [
+        (str(a.signal.stream), a.signal.detected_at) for a in whole.alerts.alerts]
 
 
 @pytest.fixture(scope="module")
