@@ -326,22 +326,28 @@ def _emit_angiography(feed: _Feed, rng: np.random.Generator, c: _Cohort, spec: S
             feed.add({**condition, "meta": _meta(a_arr[i], version="2")})
 
 
-def _emit_creatinine(feed: _Feed, rng: np.random.Generator, c: _Cohort) -> None:
-    """Serum creatinine: a baseline 1–12 h before the prediction and follow-ups at ~24 h and ~44 h.
+NEGATIVE_WOBBLE = 0.12  # mg/dL: twice this plus rounding stays below KDIGO's 0.3 mg/dL
 
-    Positives rise by at least 0.4 mg/dL within 48 h and negatives move by at most 0.2 mg/dL from a baseline of at
-    least 0.5 mg/dL, so the KDIGO 2012 AKI criterion (rise >= 0.3 mg/dL within 48 h, or >= 1.5 × baseline) gives
-    the intended label even after the site's rounding and unit conversion.
+
+def _emit_creatinine(feed: _Feed, rng: np.random.Generator, c: _Cohort) -> None:
+    """Serum creatinine: a baseline 1–6 h before the prediction and follow-ups at ~23 h and ~38 h, so a positive's
+    peak is never more than 48 h after its baseline (KDIGO's window for the absolute rise).
+
+    Positives rise by at least 0.4 mg/dL within 48 h and negatives move by at most 0.12 mg/dL from a baseline of at
+    least 0.5 mg/dL — so no two of a negative's values differ by 0.3 mg/dL either (KDIGO's absolute rise counts
+    against any earlier value within 48 h, not only the baseline) — and the KDIGO 2012 AKI criterion (rise >= 0.3
+    mg/dL within 48 h, or >= 1.5 × baseline) gives the intended label even after the site's rounding (0.01 mg/dL,
+    or 1 µmol/L ≈ 0.011 mg/dL) and unit conversion.
     """
     n = c.occurrence.size
     effective = np.stack([
-        c.occurrence - (rng.uniform(1, 12, n) * HOUR).astype(np.int64),
-        c.occurrence + (rng.uniform(21, 27, n) * HOUR).astype(np.int64),
-        c.occurrence + (rng.uniform(41, 46, n) * HOUR).astype(np.int64),
+        c.occurrence - (rng.uniform(1, 6, n) * HOUR).astype(np.int64),
+        c.occurrence + (rng.uniform(20, 26, n) * HOUR).astype(np.int64),
+        c.occurrence + (rng.uniform(36, 41, n) * HOUR).astype(np.int64),
     ])
     arrival = effective + (rng.uniform(20, 360, (3, n)) * MINUTE).astype(np.int64)
     baseline = np.clip(rng.lognormal(np.log(0.95), 0.3, n), 0.5, 3.5)
-    wobble = rng.uniform(-0.2, 0.2, (2, n))
+    wobble = rng.uniform(-NEGATIVE_WOBBLE, NEGATIVE_WOBBLE, (2, n))
     peak = 0.4 + np.minimum(rng.exponential(0.6, n), 2.6)
     early_share = rng.uniform(0.3, 1.0, n)
     ids = [_ids(rng, n) for _ in range(3)]
