@@ -4,12 +4,15 @@ HL7 Bulk Data Access IG v2 (``export.md``): kick-off ``GET [base]/$export`` (or 
 ``Group/[id]/$export``) with ``Prefer: respond-async`` → ``202`` + ``Content-Location``; poll that status URL
 (``202`` with ``Retry-After``/``X-Progress`` while running) until ``200`` and the manifest; download every ``output``,
 ``deleted`` and ``error`` file (NDJSON, gzip allowed) line by line; store ``transactionTime`` as the next ``_since``;
-``DELETE`` the status URL once the results are safe.
+``DELETE`` the status URL once the results are safe. A large export's manifest may come in pages: each page lists
+some files and links the next with ``link[relation=next].url`` (BulkDataManifest ``link``, Bulk Data IG v2.0+);
+the pages are fetched as the files of the one before are read, until a page has no ``next`` link.
 
 Every line becomes a ``Message`` at ``Position(file URL, line)``. ``error`` files hold OperationOutcomes, which the
 decoder turns into dead letters; ``deleted`` files hold DELETE Bundles, dead-lettered as unsupported deletes.
-The checkpoint cursor is JSON ``{since, status_url, file, line}``: a restart mid-download re-reads the manifest from
-the status URL and continues after the last line handed out; if the server has forgotten the job, the export is
+The checkpoint cursor is JSON ``{since, status_url, file, line}`` (``file`` counts across manifest pages): a restart
+mid-download re-reads the manifest from the status URL, follows its pages up to that file, and continues after the
+last line handed out; if the server has forgotten the job, the export is
 requested again from the same ``_since`` (the pipeline dedupes by type/id/version, so nothing counts twice).
 """
 
@@ -107,6 +110,20 @@ def manifest_files(manifest: dict, where: str) -> list[ManifestFile]:
             if isinstance(entry, dict) and isinstance(entry.get("url"), str)]
 
 
+def manifest_next(manifest: dict, where: str) -> str | None:
+    """The URL of the manifest's next page (``link`` with ``relation`` "next"), or None on the last page."""
+    links = manifest.get("link") if isinstance(manifest, dict) else None
+    for link in links if isinstance(links, list) else ():
+        if isinstance(link, dict) and link.get("relation") == "next":
+            url = link.get("url")
+            if not isinstance(url, str) or not url or url.startswith("#"):
+                raise FhirHttpError(f"GET {where}: the manifest's next link has no URL ({link!r}); the export "
+                                    "cannot be read past this page — check the server's $export implementation",
+                                    where)
+            return url
+    return None
+
+
 class BulkExportSource:
     """``Source`` over ``$export`` jobs; see the module docstring for the protocol and the cursor.
 
@@ -130,7 +147,9 @@ class BulkExportSource:
         self._next_at = 0.0  # monotonic time of the next kick-off or status request
         self._started_at = 0.0
         self._status_delay = config.status_poll_s
-        self._files: list[ManifestFile] = []
+        self._files: list[ManifestFile] = []  # of every manifest page fetched so far, in order
+        self._next_page: str | None = None  # the manifest page after those
+        self._pages_seen: list[str] = []  # manifest page URLs read, the last one is the current page
         self._requires_token = False
         self._lines: Iterator[tuple[Position, bytes]] | None = None
         self._spool: tempfile._TemporaryFileWrapper | None = None
@@ -254,6 +273,7 @@ class BulkExportSource:
             raise FhirHttpError(f"GET {url}: the export completed but the manifest is not JSON; check the server",
                                 url) from None
         self._files = manifest_files(manifest, url)
+        self._next_page, self._pages_seen = manifest_next(manifest, url), [url]
         self._requires_token = bool(manifest.get("requiresAccessToken"))
         self.transaction_time = manifest.get("transactionTime")
         if not isinstance(self.transaction_time, str):
@@ -269,6 +289,9 @@ class BulkExportSource:
         out: list[Message] = []
         while len(out) < max_records:
             if self._lines is None:
+                if self.cursor.file >= len(self._files) and self._next_page is not None:
+                    self._fetch_page(self._next_page)
+                    continue
                 if self.cursor.file >= len(self._files):
                     self._finish()
                     return out
@@ -282,6 +305,27 @@ class BulkExportSource:
             if (message := _fresh(item, self.cursor)) is not None:
                 out.append(message)
         return out
+
+    def _fetch_page(self, link: str) -> None:
+        """The next manifest page: its files join the list (the cursor's file index runs across pages)."""
+        url = self.http.url(link)
+        if url in self._pages_seen:
+            raise FhirHttpError(f"GET {self._pages_seen[-1]}: the export manifest's next link ({url}) points back to "
+                                "a page already read; the server's manifest paging loops — check its $export "
+                                "implementation", url)
+        self._pages_seen.append(url)
+        page = self.http.request("GET", url, auth=True, ok=(200,), headers={"Accept": "application/json"})
+        try:
+            manifest = page.json()
+        except ValueError:
+            raise FhirHttpError(f"GET {url}: the manifest page is not JSON; check the server", url) from None
+        files = manifest_files(manifest, url)
+        self._files.extend(files)
+        self._next_page = manifest_next(manifest, url)
+        if manifest.get("transactionTime") not in (None, self.transaction_time):
+            log.warning("%s: manifest page %s has transactionTime %s, the first page %s; keeping the first",
+                        self.name, url, manifest.get("transactionTime"), self.transaction_time)
+        log.info("%s: manifest page %d: %d more files", self.name, len(self._pages_seen), len(files))
 
     def _open(self, file: ManifestFile) -> None:
         """Download the file into a temporary spool (gzip kept as is), then stream its lines."""
@@ -305,7 +349,7 @@ class BulkExportSource:
         if self.cursor.status_url:
             self._to_delete.append(self.cursor.status_url)
         self.cursor = _Cursor(self.transaction_time or self.cursor.since)
-        self._files, self._state = [], "done"
+        self._files, self._next_page, self._state = [], None, "done"
         if self.config.repeat_every_s is not None:
             self._next_at = self.clock() + self.config.repeat_every_s
 

@@ -8,7 +8,7 @@ are either not copied (``strip``, counted) or the resource is quarantined; dead-
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -37,6 +37,9 @@ DEVICE_KIND_SYSTEM = "https://vigil.dev/fhir/CodeSystem/device-kind"
 RACE_URL = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"
 ETHNICITY_URL = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity"
 IDENTIFIERS_PRESENT = "identifiers present"
+FETCH_FAILURE_SYSTEM = "https://vigil.dev/fhir/CodeSystem/fetch-failure"
+"""Marks the OperationOutcome that stands for a resource an id-only notification named but vigil could not read
+(``ingest.id_only``)."""
 _DEVICE_KINDS = {"ai-model": "model", "acquisition-device": "scanner"}
 _CODING_CACHE_SIZE = 1 << 16
 _REFERENCE_CACHE_SIZE = 1 << 16
@@ -70,12 +73,17 @@ def parse_datetime(text: str) -> datetime:
 class Decoder:
     """Decodes one resource at a time into a ``Record``, a ``DeadLetter``, or ``None`` for types vigil does not use."""
 
-    def __init__(self, keyer: SubjectKeyer, policy: Literal["strip", "quarantine"] = "strip", strict: bool = False):
+    def __init__(self, keyer: SubjectKeyer, policy: Literal["strip", "quarantine"] = "strip", strict: bool = False,
+                 models: Iterable[str] | None = None):
+        """``models``: the configured model ids. When given, a RiskAssessment of another model is rejected here,
+        where its redacted payload can still be kept, so `vigil deadletters replay` can re-inject it once the model
+        is configured; None leaves that check to the pipeline (whose dead letter then has no payload)."""
         if policy not in ("strip", "quarantine"):
             raise ValueError(f"deid_policy must be 'strip' or 'quarantine', got {policy!r}")
         self.keyer = keyer
         self.policy = policy
         self.strict = strict
+        self.models: frozenset[str] | None = None if models is None else frozenset(models)
         self.stripped: Counter[str] = Counter()
         self._coding_cache: dict[tuple[str, str, str | None], Coding] = {}
         # raw reference string → keyed id; the keyer's own cache holds the same raw ids, bounded alike
@@ -206,6 +214,8 @@ class Decoder:
                 break
         if not model_id:
             raise Rejected(f"missing method.coding with system {MODEL_SYSTEM} (the model id)")
+        if self.models is not None and model_id not in self.models:
+            raise Rejected(unknown_model(model_id))
         model_device = reference_id(performer, "Device")
         if model_device is None:
             raise Rejected("invalid performer (must reference Device/<id> of the AI model)")
@@ -333,6 +343,11 @@ class Decoder:
         return key
 
 
+def unknown_model(model_id: object) -> str:
+    """The problem text of a prediction of a model the config does not list (the pipeline's own check says the same)."""
+    return f"unknown model '{model_id}' (configure it under models: to monitor it)"
+
+
 def _bounded_put(cache: dict, key: object, value: object) -> None:
     if len(cache) >= _REFERENCE_CACHE_SIZE:
         cache.clear()
@@ -429,12 +444,29 @@ def _outcome_letter(outcome: dict, position: Position) -> DeadLetter:
                            **({"details": {"coding": codings}} if codings else {}),
                            **({"expression": issue["expression"]} if issue.get("expression") else {})})
     rid = outcome.get("id") if isinstance(outcome.get("id"), str) else None
+    payload = orjson.dumps({"resourceType": "OperationOutcome", "issue": issues}).decode()
+    if (failed := _fetch_failure(issues)) is not None:
+        return DeadLetter(position, *failed, payload)
     label = f"OperationOutcome/{rid}" if rid else "OperationOutcome (no id)"
     codes = ", ".join(f"{i['severity']}/{i['code']}" for i in issues) or "no issues"
     reason = (f"{label}: server error ({codes}; the server reported that it could not deliver some data — check "
               "the export or search on the server side, then re-request it)")
-    payload = orjson.dumps({"resourceType": "OperationOutcome", "issue": issues}).decode()
     return DeadLetter(position, reason, "OperationOutcome", rid, payload)
+
+
+def _fetch_failure(issues: list[dict]) -> tuple[str, str | None, str | None] | None:
+    """(reason, resource type, resource id) of an ``ingest.id_only`` fetch-failure outcome, else None."""
+    for issue in issues:
+        for coding in (issue.get("details") or _EMPTY).get("coding") or ():
+            if coding.get("system") == FETCH_FAILURE_SYSTEM:
+                where = next(iter(issue.get("expression") or ()), "(unknown reference)")
+                rtype, _, rid = str(where).partition("/")
+                reason = (f"{where}: not fetched for an id-only subscription notification ({issue['code']}, "
+                          f"{coding.get('code')}); the notification was acknowledged and the stream went on "
+                          "without it — fix the cause on the FHIR server, then have it resend the resource or "
+                          "re-read it with a REST catch-up")
+                return reason, rtype or None, rid if rid and not rid.startswith("(") else None
+    return None
 
 
 def _validation_problem(resource: dict) -> str | None:

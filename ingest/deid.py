@@ -27,8 +27,20 @@ OVER_89 = "age over 89"
 FULL_BIRTH_DATE = "birthDate (full date)"
 
 
+KEYED_PREFIX = "vigil-key."
+"""Starts the id of a Patient that vigil already keyed, in the payloads it stores (dead letters):
+``vigil-key.<key>.<tag>``, where ``tag`` is an HMAC of the key under the same secret, so only a holder of the
+subject key can produce one."""
+
+
 class SubjectKeyer:
-    """Keyed hash so subjects are pseudonymous, stable across feeds, and not reversible without the secret."""
+    """Keyed hash so subjects are pseudonymous, stable across feeds, and not reversible without the secret.
+
+    A reference already keyed by this keyer and marked (``marked``: what ``redact`` writes into stored payloads) keys
+    to the key it carries, not to a hash of the hash: a dead letter replayed through the decoder keys its subject
+    once, to the same pseudonym the original resource had. The mark is authenticated (HMAC tag, RFC 2104), so a feed
+    cannot choose a pseudonym by sending an id that looks marked: an unverified one is keyed like any other id.
+    """
 
     __slots__ = ("_keyed", "_cache")
     _CACHE_SIZE = 1 << 16
@@ -41,15 +53,39 @@ class SubjectKeyer:
         self._cache: dict[str, str] = {}
 
     def key(self, reference: str) -> str:
-        """HMAC-SHA256 of ``Patient/<id>``, first 32 hex characters (128 bits); memoised, a subject recurs often."""
+        """HMAC-SHA256 of ``Patient/<id>``, first 32 hex characters (128 bits); memoised, a subject recurs often.
+
+        ``Patient/vigil-key.<key>.<tag>`` with a valid tag (see ``marked``) gives ``<key>`` itself.
+        """
         cached = self._cache.get(reference)
         if cached is None:
             if len(self._cache) >= self._CACHE_SIZE:
                 self._cache.clear()
-            mac = self._keyed.copy()
-            mac.update(reference.encode())
-            cached = self._cache[reference] = mac.hexdigest()[:32]
+            cached = self._cache[reference] = self._already_keyed(reference) or self._hash(reference)
         return cached
+
+    def marked(self, reference: str) -> str:
+        """The id to store for a keyed reference: ``vigil-key.<key>.<tag>`` (59 characters, a valid FHIR id)."""
+        key = self.key(reference)
+        return f"{KEYED_PREFIX}{key}.{self._tag(key)}"
+
+    def _hash(self, text: str) -> str:
+        mac = self._keyed.copy()
+        mac.update(text.encode())
+        return mac.hexdigest()[:32]
+
+    def _tag(self, key: str) -> str:
+        # "\0" cannot occur in a FHIR reference, so a tag is never the key of any reference
+        return self._hash("\0keyed\0" + key)[:16]
+
+    def _already_keyed(self, reference: str) -> str | None:
+        """The key a marked ``Patient/<id>`` carries, if its tag verifies; else None (it is an ordinary id)."""
+        if KEYED_PREFIX not in reference or not reference.startswith("Patient/"):
+            return None
+        key, _, tag = reference[len("Patient/") + len(KEYED_PREFIX):].partition(".")
+        if len(key) == 32 and len(tag) == 16 and hmac.compare_digest(tag, self._tag(key)):
+            return key
+        return None
 
 
 def oldest_safe_birth_year(today: datetime | None = None) -> int:
@@ -114,7 +150,9 @@ def safe_birth_year(birth_date: str, oldest_year: int) -> int:
 
 
 def keyed_reference(reference: str, keyer: SubjectKeyer) -> str:
-    """``Patient/<id>`` (possibly absolute or versioned) → ``Patient/<key>``; other references unchanged.
+    """``Patient/<id>`` (possibly absolute or versioned) → ``Patient/<marked key>``; other references unchanged.
+
+    The marked key (``SubjectKeyer.marked``) lets a stored payload be decoded again without keying its subject twice.
 
     A conditional reference ``Patient?identifier=...`` carries the identifier itself and is blanked.
     """
@@ -124,11 +162,12 @@ def keyed_reference(reference: str, keyer: SubjectKeyer) -> str:
     if not sep or (head and not head.endswith("/")):
         return reference
     patient_id = tail.split("/", 1)[0]
-    return f"Patient/{keyer.key('Patient/' + patient_id)}"
+    return f"Patient/{keyer.marked('Patient/' + patient_id)}"
 
 
 def redact(resource: dict, keyer: SubjectKeyer, oldest_year: int | None = None) -> dict:
-    """A copy safe to store in a dead letter: no direct identifiers, no narrative, Patient ids and references keyed.
+    """A copy safe to store in a dead letter: no direct identifiers, no narrative, Patient ids and references keyed
+    (and marked as keyed, so decoding the copy again gives the same subject key).
 
     Reference displays (often the patient's name), reference identifiers and inline attachment data are dropped too.
     """
@@ -157,7 +196,7 @@ def _redact_value(value: Any, keyer: SubjectKeyer, oldest_year: int) -> Any:
         if key == "reference" and isinstance(item, str):
             out[key] = keyed_reference(item, keyer)
         elif person and key == "id" and value["resourceType"] == "Patient" and isinstance(item, str):
-            out[key] = keyer.key(f"Patient/{item}")
+            out[key] = keyer.marked(f"Patient/{item}")
         elif person and key == "birthDate" and isinstance(item, str) and item[:4].isdigit():
             out[key] = str(safe_birth_year(item, oldest_year))
         elif key == "extension" and dropped:

@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from fhir_server import ExportFile, FhirServer  # tests/ is on sys.path (no __init__.py)
+from fhir_server import ExportFile, FhirServer, Recorded  # tests/ is on sys.path (no __init__.py)
 from ingest import Decoder, SubjectKeyer, iter_resources, load, load_messages
 from ingest.bulk_export import (
     BulkDirectorySource,
@@ -264,3 +264,110 @@ def test_directory_source_resumes_and_reads_synthea_without_a_manifest():
     direct = load(SYNTHEA, Decoder(KEYER))
     assert _counts(result) == _counts(direct) and result.rejected == direct.rejected
     assert result.rejected[NOT_FHIR.split(" (")[0]] == 4
+
+
+class PagedExportServer(FhirServer):
+    """The loopback FHIR server of tests/fhir_server.py, with its completion manifest split into pages of
+    ``page_size`` files, each linking the next with ``link: [{relation: next, url}]`` (BulkDataManifest ``link``).
+    Pages after the first are served from ``/_manifest/<job>/<n>``, with a relative link when ``relative_pages``."""
+
+    def __init__(self, page_size: int, relative_pages: bool = False, loop: bool = False):
+        self.page_size, self.relative_pages, self.loop = page_size, relative_pages, loop
+        self.pages: dict[str, list[dict]] = {}
+        super().__init__()
+
+    def _handler(self):
+        server, base = self, super()._handler()
+
+        class Paged(base):
+            def _dispatch(self, method: str) -> None:
+                path = self.path.removeprefix("/fhir/")
+                if method == "GET" and path.startswith("_manifest/"):
+                    _, job, n = path.split("/")
+                    server.requests.append(Recorded(method, "/fhir/" + path, {}, dict(self.headers.items())))
+                    return self._send(200, server.pages[job][int(n)], content_type="application/json")
+                return super()._dispatch(method)
+
+            def _send(self, status, body, headers=None, content_type="application/fhir+json"):
+                if status == 200 and isinstance(body, dict) and "transactionTime" in body and "link" not in body:
+                    job = self.path.rstrip("/").rsplit("/", 1)[-1]
+                    server.pages[job] = server.paginate(job, body)
+                    body = server.pages[job][0]
+                return super()._send(status, body, headers, content_type)
+
+        return Paged
+
+    def paginate(self, job: str, manifest: dict) -> list[dict]:
+        entries = [(section, e) for section in ("output", "deleted", "error") for e in manifest[section]]
+        chunks = [entries[i:i + self.page_size] for i in range(0, len(entries), self.page_size)]
+        pages = []
+        for n, chunk in enumerate(chunks):
+            page = {**manifest, "output": [], "deleted": [], "error": []}
+            for section, entry in chunk:
+                page[section].append(entry)
+            if n + 1 < len(chunks) or self.loop:
+                target = 0 if n + 1 == len(chunks) else n + 1
+                url = f"_manifest/{job}/{target}"
+                page["link"] = [{"relation": "self", "url": "ignored"},
+                                {"relation": "next", "url": url if self.relative_pages else f"{self.base_url}/{url}"}]
+            pages.append(page)
+        pages[0]["link"] = pages[0].get("link", [])  # marks it as paginated (not split again)
+        return pages
+
+
+# the server pages output files first, then error files (as one manifest lists them)
+PAGED_ORDER = [("Observation.0.ndjson", 1), ("Observation.0.ndjson", 2), ("Observation.0.ndjson", 4),
+               ("Condition.1.ndjson", 1), ("Condition.1.ndjson", 2), ("Observation.3.ndjson.gz", 1),
+               ("OperationOutcome.2.ndjson", 1)]
+
+
+def _files_read(messages) -> list[tuple[str, int]]:
+    return [(m.position.source.rsplit("/", 1)[-1], m.position.line) for m in messages]
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_a_paged_manifest_is_followed_to_its_last_page(relative):
+    clock = Clock()
+    with PagedExportServer(page_size=1, relative_pages=relative) as server:
+        _serve_small_export(server)
+        source = _source(server, clock)
+        paged = _drain(source)
+        pages = server.requests_to("_manifest/")
+    with FhirServer() as plain:
+        _serve_small_export(plain)
+        whole = _drain(_source(plain, Clock()))
+    # one page per file: every file is read once, in the pages' order, and the lines are those of one manifest
+    assert [p.path.rsplit("/", 2)[-2:] for p in pages] == [["0", "1"], ["0", "2"], ["0", "3"]]
+    assert _files_read(paged) == PAGED_ORDER
+    assert sorted(m.payload for m in paged) == sorted(m.payload for m in whole)
+    assert orjson.loads(source.checkpoint().cursor) == {"since": "2026-03-01T12:00:00Z", "status_url": None,
+                                                        "file": 0, "line": 0}  # the next export's _since
+
+
+def test_a_restart_on_a_later_manifest_page_continues_there():
+    clock = Clock()
+    with PagedExportServer(page_size=2) as server:
+        _serve_small_export(server)
+        first = _source(server, clock)
+        batch = []
+        while len(batch) < 6:  # into the second page (its first file, the third of all)
+            batch.extend(first.poll(6 - len(batch), 5.0))
+        stored = first.checkpoint()
+        assert orjson.loads(stored.cursor)["file"] == 2
+        restarted = _source(server, clock)
+        restarted.resume(stored)
+        rest = _drain(restarted)
+    assert _files_read(batch + rest) == PAGED_ORDER
+    assert _files_read(rest) == [("OperationOutcome.2.ndjson", 1)]
+    assert len(server.requests_to("$export")) == 1
+
+
+def test_a_manifest_whose_next_link_loops_is_an_error_naming_the_page():
+    with PagedExportServer(page_size=2, loop=True) as server:
+        _serve_small_export(server)
+        source = _source(server, Clock())
+        with pytest.raises(Exception) as caught:
+            _drain(source)
+    # status URL (page 0) → page 1 → page 0 again under its own URL → page 1: seen, so the client stops there
+    assert str(caught.value).startswith(f"GET {server.base_url}/_manifest/0/0: the export manifest's next link "
+                                        f"({server.base_url}/_manifest/0/1) points back to a page already read")

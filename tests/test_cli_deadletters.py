@@ -8,7 +8,6 @@ import pytest
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from vigil import audit
 from vigil.cli import app
 from vigil.cli_deadletters import deadletters_app
 from vigil.store import AuditRow, DeadLetterRow, session_factory
@@ -64,6 +63,7 @@ def test_list_names_where_and_why_and_filters(store):
     assert "invalid birthDate" in where[f"{broken}:4"]["reason"]
     assert where[f"{broken}:5"]["reason"] == "Encounter/enc-1: missing subject"
     assert [where[w]["has_payload"] for w in (f"{broken}:2", f"{broken}:3", f"{broken}:4")] == [False, False, True]
+    assert not any(r["replayed"] for r in rows)
 
     assert [r["where"] for r in _json("list", "--store", url, "--reason", "INVALID json", "--json")] == [
         f"{broken}:2"]
@@ -88,40 +88,44 @@ def test_show_gives_the_payload_without_identifiers(store):
     assert missing.exit_code == 2 and "no dead letter 999" in missing.output
 
 
-def test_replay_reports_accepted_and_still_rejected_changes_nothing_and_is_audited(store):
+def test_dry_run_reports_what_the_current_decoder_accepts_and_changes_nothing(store):
     url, broken = store
     factory = session_factory(url)
     with factory() as s:
         before = s.execute(select(DeadLetterRow.id, DeadLetterRow.reason, DeadLetterRow.payload)
                            .order_by(DeadLetterRow.id)).all()
+        audit_before = s.scalar(select(func.count()).select_from(AuditRow))
 
-    report = _json("replay", "--all", "--by", "qa.officer", "--store", url, "--json")
+    report = _json("replay", "--all", "--dry-run", "--by", "qa.officer", "--store", url, "--json")
     ids = {r["where"]: r["id"] for r in _json("list", "--store", url, "--json")}
-    assert report["replayed"] == 5
-    assert [e["id"] for e in report["accepted"]] == [ids["fhir.r4[2]@41"]]
-    assert report["accepted"][0]["resources"] == ["Organization → SiteInfo"]
+    assert report["dry_run"] is True and report["selected"] == 5
+    assert [e["id"] for e in report["replayed"]] == [ids["fhir.r4[2]@41"]]
+    assert report["replayed"][0]["detail"] == "would enter the pipeline as Organization → SiteInfo"
     assert sorted(e["id"] for e in report["still_rejected"]) == [ids[f"{broken}:4"], ids[f"{broken}:5"]]
     assert sorted(e["id"] for e in report["not_replayable"]) == [ids[f"{broken}:2"], ids[f"{broken}:3"]]
-    assert all(e["reason"] for e in report["still_rejected"])
+    assert all(e["detail"] for e in report["still_rejected"])
     assert PATIENT_ID not in json.dumps(report) and FAMILY not in json.dumps(report)
 
     with factory() as s:
         after = s.execute(select(DeadLetterRow.id, DeadLetterRow.reason, DeadLetterRow.payload)
                           .order_by(DeadLetterRow.id)).all()
-        entry = s.scalars(select(AuditRow).where(AuditRow.action == "deadletters.replayed")).one()
-        assert audit.verify(s).ok
-    assert after == before  # evidence untouched
-    assert (entry.actor, entry.entity) == ("qa.officer", "dead_letter")
-    assert entry.payload["accepted"] == [ids["fhir.r4[2]@41"]] and len(entry.payload["ids"]) == 5
+        assert s.scalar(select(func.count()).select_from(AuditRow)) == audit_before
+    assert after == before  # evidence untouched, nothing recorded: a dry run stores nothing
 
-    one = _json("replay", str(ids["fhir.r4[2]@41"]), "--by", "qa.officer", "--store", url, "--json")
-    assert (one["replayed"], len(one["accepted"])) == (1, 1)
-    by_source = _json("replay", "--source", broken, "--by", "qa.officer", "--store", url, "--json")
-    assert by_source["replayed"] == 4 and not by_source["accepted"]
-    with factory() as s:
-        assert s.scalar(select(func.count()).select_from(AuditRow)
-                        .where(AuditRow.action == "deadletters.replayed")) == 3
+    by_source = _json("replay", "--source", broken, "--dry-run", "--store", url, "--json")
+    assert by_source["selected"] == 4 and not by_source["replayed"]
+    by_reason = _json("replay", "--reason", "MISSING subject", "--dry-run", "--store", url, "--json")
+    assert [e["id"] for e in by_reason["still_rejected"]] == [ids[f"{broken}:5"]]
     factory.kw["bind"].dispose()
+
+
+def test_replay_into_a_store_without_pipeline_state_is_refused(store):
+    """`vigil ingest` keeps no pipeline checkpoint: there is no state to add the dead letters to."""
+    url, _ = store
+    result = runner.invoke(deadletters_app, ["replay", "--all", "--store", url, "--by", "x"])
+    assert result.exit_code == 1
+    text = " ".join(result.output.split())
+    assert "no pipeline checkpoint" in text and "--dry-run" in text
 
 
 def test_replay_needs_a_selection_and_names_unknown_ids(store):
@@ -129,6 +133,8 @@ def test_replay_needs_a_selection_and_names_unknown_ids(store):
     nothing = runner.invoke(deadletters_app, ["replay", "--store", url])
     assert nothing.exit_code == 2 and "--all" in nothing.output
     unknown = runner.invoke(deadletters_app, ["replay", "4242", "--store", url, "--by", "x"])
-    assert unknown.exit_code == 2 and "no dead letter 4242" in unknown.output
-    text = runner.invoke(deadletters_app, ["replay", "--all", "--store", url, "--by", "x"])
-    assert text.exit_code == 0 and "1 now accepted, 2 still rejected" in text.stdout
+    assert unknown.exit_code == 1 and "no dead letter 4242" in unknown.output
+    strict = runner.invoke(deadletters_app, ["replay", "--all", "--strict", "--store", url])
+    assert strict.exit_code == 2 and "--dry-run" in strict.output
+    text = runner.invoke(deadletters_app, ["replay", "--all", "--dry-run", "--store", url, "--by", "x"])
+    assert text.exit_code == 0 and "1 would be re-injected, 2 still rejected" in " ".join(text.stdout.split())

@@ -94,7 +94,8 @@ def test_redacted_patient_keeps_nothing_identifying():
     safe = redact(patient, keyer, OLDEST)
     blob = orjson.dumps(safe).decode()
     assert not [s for s in _identifier_strings(patient) if s in blob]
-    assert safe["id"] == keyer.key(f"Patient/{patient['id']}")
+    assert safe["id"] == keyer.marked(f"Patient/{patient['id']}")
+    assert keyer.key(f"Patient/{safe['id']}") == keyer.key(f"Patient/{patient['id']}")  # keyed once, when re-read
     assert safe["birthDate"] == "1936"  # 1927 aggregated into "90 or older"
     assert find_identifiers(safe, OLDEST) == []
     assert safe["gender"] == "female" and safe["maritalStatus"] == patient["maritalStatus"]
@@ -106,7 +107,7 @@ def test_redacted_event_keys_patient_references_and_drops_displays_and_attachmen
     keyer = SubjectKeyer("k")
     encounter = _first("Encounter")
     safe = redact(encounter, keyer, OLDEST)
-    assert safe["subject"] == {"reference": f"Patient/{keyer.key('Patient/79a66c97-6131-3213-f3c9-4606946ab056')}"}
+    assert safe["subject"] == {"reference": f"Patient/{keyer.marked('Patient/79a66c97-6131-3213-f3c9-4606946ab056')}"}
     assert "Upton904" not in orjson.dumps(safe).decode()  # the patient's name was in subject.display
     assert safe["period"] == encounter["period"] and safe["id"] == encounter["id"]
     document = _first("DocumentReference")
@@ -128,4 +129,23 @@ def test_redacted_event_keys_patient_references_and_drops_displays_and_attachmen
 )
 def test_keyed_reference(reference, expected):
     keyer = SubjectKeyer("k")
-    assert keyed_reference(reference, keyer) == expected.format(key=keyer.key("Patient/p1"))
+    assert keyed_reference(reference, keyer) == expected.format(key=keyer.marked("Patient/p1"))
+
+
+def test_a_marked_key_keys_to_itself_and_only_with_a_valid_tag():
+    """What lets a stored (redacted) payload be decoded again without keying its subject twice, and why a feed
+    cannot choose a pseudonym by sending an id that looks marked."""
+    keyer = SubjectKeyer("k")
+    key = keyer.key("Patient/p1")
+    marked = keyer.marked("Patient/p1")
+    prefix, inner, tag = marked.split(".")
+    assert (prefix, inner, len(tag), len(marked)) == ("vigil-key", key, 16, 59)
+    assert keyer.key(f"Patient/{marked}") == key
+    assert keyed_reference(f"Patient/{marked}", keyer) == f"Patient/{marked}"  # redacting again changes nothing
+    assert SubjectKeyer("k").key(f"Patient/{marked}") == key  # another process with the same secret
+    forged = f"vigil-key.{key}.{'0' * 16}"
+    other = SubjectKeyer("other").marked("Patient/p1")
+    for not_ours in (forged, other, f"vigil-key.{key}"):
+        assert keyer.key(f"Patient/{not_ours}") == hmac.new(b"k", f"Patient/{not_ours}".encode(),
+                                                            hashlib.sha256).hexdigest()[:32]
+    assert keyer.key(f"Encounter/{marked}") != key  # only Patient references carry a subject key

@@ -133,7 +133,9 @@ def test_broken_risk_assessment_is_dead_lettered_with_the_element(changes, reaso
     payload = orjson.loads(dead.payload)
     assert "Jane Roe" not in dead.payload and "Patient/p1" not in dead.payload
     if "subject" not in changes:
-        assert payload["subject"] == {"reference": f"Patient/{_key('p1')}"}
+        assert payload["subject"] == {"reference": f"Patient/{KEYER.marked('Patient/p1')}"}
+        # decoding the stored payload again keys the subject once (what `vigil deadletters replay` relies on)
+        assert Decoder(KEYER)._subject(payload) == _key("p1")
 
 
 def test_wrong_json_types_are_dead_lettered_not_raised():
@@ -413,3 +415,16 @@ def test_reason_categories():
         "invalid value",
         "missing element",
     ]
+
+
+def test_a_prediction_of_a_model_not_configured_is_dead_lettered_with_its_payload_when_models_are_given():
+    """With ``models`` the decoder rejects another model's prediction itself, keeping the redacted payload that
+    `vigil deadletters replay` needs once the model is configured; without it the pipeline decides (no payload)."""
+    letter = Decoder(KEYER, models=["aki-risk"]).decode(risk_assessment(), HERE)
+    assert letter.reason == ("RiskAssessment/ra-17: unknown model 'cta-stenosis' (configure it under models: to "
+                             "monitor it)")
+    assert reason_category(letter.reason) == "unknown model"
+    assert "Patient/p1" not in letter.payload and "Jane Roe" not in letter.payload
+    replayed = Decoder(KEYER, models=["aki-risk", "cta-stenosis"]).decode(orjson.loads(letter.payload), HERE)
+    assert isinstance(replayed, Prediction) and replayed.subject == _key("p1") and replayed.score == 0.83
+    assert isinstance(Decoder(KEYER).decode(risk_assessment(), HERE), Prediction)

@@ -1,19 +1,27 @@
 """`vigil serve`'s FHIR subscription endpoint against librdkafka's mock cluster (a real Kafka-protocol server): a
-notification's resources are on the forward topic before the 200, a gap is recorded for catch-up, and a topic that
-cannot be written answers 500 so the FHIR server retries."""
+notification's resources are on the forward topic before the 200, a gap is recorded for catch-up, a topic that
+cannot be written answers 500 so the FHIR server retries, and id-only notifications are read from a real loopback
+FHIR server (tests/fhir_server.py, with the read interaction added here) with failures forwarded as dead letters."""
 
 from __future__ import annotations
+
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from kafka import KafkaConsumer, KafkaProducer
+from fhir_server import FhirServer, Recorded
 from kafka_mock import MockCluster, mock_cluster  # noqa: F401 (fixture)
 from test_subscription import FHIR_JSON, _obs, _ra, r4_backport
 
+from ingest import Decoder, Message, SubjectKeyer, load_messages
+from ingest.id_only import IdOnlyFetcher
+from ingest.rest_poll import FhirHttpConfig
 from ingest.subscription import SubscriptionConfig
-from vigil.webhook import SubscriptionForwarder
+from vigil.domain import Position
+from vigil.webhook import FETCH, SubscriptionForwarder
 
 TOPIC = "fhir.notified"
 
@@ -90,8 +98,6 @@ def test_a_subscription_without_a_forward_topic_is_refused_with_what_to_set():
 def test_a_gap_is_caught_up_over_rest_and_the_lost_resources_are_forwarded(mock_cluster: MockCluster):
     """Events 2–3 never arrive; with ``catch_up_base_url`` the endpoint re-reads from the last good event against a
     FHIR server (tests/fhir_server.py, a real HTTP server on loopback) and forwards what it finds."""
-    from fhir_server import FhirServer
-
     with FhirServer() as server:
         server.add(*[_ra(f"ra-{n}", f"2026-02-01T10:0{n}:00Z") for n in range(1, 5)])
         config = _config(mock_cluster.bootstrap).model_copy(update={"catch_up_base_url": server.base_url})
@@ -109,4 +115,96 @@ def test_a_gap_is_caught_up_over_rest_and_the_lost_resources_are_forwarded(mock_
     assert forwarder.recovered == 4  # ra-1 (the last good event, re-read from its time) to ra-4
     ids = [orjson.loads(r.value)["id"] for r in _consume(mock_cluster.bootstrap, 6)]
     assert {"ra-2", "ra-3"} <= set(ids) and len(ids) == 6
+    forwarder.close()
+
+
+class ReadableFhirServer(FhirServer):
+    """tests/fhir_server.py's real loopback FHIR server plus the FHIR ``read`` interaction (GET [base]/Type/id),
+    which id-only notifications need; faults injected with ``fail_next`` apply to reads too."""
+
+    def _handler(self):
+        server, base = self, super()._handler()
+
+        class Reads(base):
+            def _dispatch(self, method: str) -> None:
+                path = urlsplit(self.path).path.removeprefix("/fhir/")
+                rtype, _, rid = path.partition("/")
+                faulted = any(f.times > 0 and f.path_contains in self.path for f in server.faults)
+                if method != "GET" or faulted or not rtype[:1].isupper() or not rid or "/" in rid:
+                    return super()._dispatch(method)
+                server.requests.append(Recorded(method, "/fhir/" + path, {}, dict(self.headers.items())))
+                found = [r for r in server.resources if r["resourceType"] == rtype and r["id"] == rid]
+                if not found:
+                    return self._send(404, {"resourceType": "OperationOutcome", "issue": [
+                        {"severity": "error", "code": "not-found", "diagnostics": f"{path} is unknown"}]})
+                return self._send(200, found[0])
+
+        return Reads
+
+
+def test_id_only_notifications_are_read_over_rest_and_failures_are_dead_lettered(mock_cluster: MockCluster,
+                                                                                 monkeypatch):
+    """Five resources named id-only: one is read and forwarded; one unknown (404), one Patient unknown (404, its id
+    never stored), one whose server keeps failing (503 after the retries) and one on another server (not asked)
+    are forwarded as fetch failures, which the decoder turns into dead letters with the reason. The notification
+    is answered 200 and the next one goes through."""
+    monkeypatch.setenv("VIGIL_TEST_FHIR_TOKEN", "Bearer t0k3n")
+    sleeps: list[float] = []
+    with ReadableFhirServer() as server:
+        server.add(_ra("ra-1", "2026-02-01T10:01:00Z"), _ra("ra-2", "2026-02-01T10:02:00Z"))
+        server.fail_next("RiskAssessment/ra-2", 503, times=3)  # FETCH: 2 retries, so 3 attempts fail
+        config = _config(mock_cluster.bootstrap).model_copy(update={"catch_up_base_url": server.base_url,
+                                                                    "catch_up_auth_env": "VIGIL_TEST_FHIR_TOKEN"})
+        fetcher = IdOnlyFetcher(FhirHttpConfig(base_url=server.base_url, auth_env="VIGIL_TEST_FHIR_TOKEN", **FETCH),
+                                sleep=sleeps.append)
+        forwarder = SubscriptionForwarder(config, KafkaProducer(bootstrap_servers=mock_cluster.bootstrap, acks="all",
+                                                                api_version=(2, 3)), fetcher)
+        client = _client(forwarder)
+        named = [f"{server.base_url}/RiskAssessment/ra-1", f"{server.base_url}/RiskAssessment/ra-3",
+                 f"{server.base_url}/Patient/p-secret-42", f"{server.base_url}/RiskAssessment/ra-2",
+                 "https://other.example.org/fhir/RiskAssessment/ra-9"]
+        client.post("/fhir/subscription", content=r4_backport("handshake", 0), headers={"Content-Type": FHIR_JSON})
+        answer = client.post("/fhir/subscription", headers={"Content-Type": FHIR_JSON}, content=r4_backport(
+            "event-notification", 5, [(n, f"2026-02-01T10:0{n}:00Z", url) for n, url in enumerate(named, 1)],
+            id_only=named))
+        later = client.post("/fhir/subscription", headers={"Content-Type": FHIR_JSON}, content=r4_backport(
+            "event-notification", 6, [(6, "2026-02-01T10:06:00Z", "Observation/obs-6")],
+            [_obs("obs-6", "2026-02-01T10:06:00Z")]))
+        reads = [r for r in server.requests if "/RiskAssessment/" in r.path or "/Patient/" in r.path]
+    assert (answer.status_code, later.status_code) == (200, 200)
+    assert (forwarder.fetched, forwarder.fetch_failures, forwarder.forwarded) == (1, 4, 6)
+    assert sorted(r.path.rsplit("/fhir/", 1)[-1] for r in reads) == [
+        "Patient/p-secret-42", "RiskAssessment/ra-1", "RiskAssessment/ra-2", "RiskAssessment/ra-2",
+        "RiskAssessment/ra-2", "RiskAssessment/ra-3"]  # nothing asked of the other server
+    assert all(r.headers["Authorization"] == "Bearer t0k3n" for r in reads)
+    assert sleeps == [0.5, 1.0]
+
+    records = _consume(mock_cluster.bootstrap, 6)
+    messages = [Message(Position(TOPIC, r.offset, r.partition), r.value) for r in records]
+    result = load_messages(messages, Decoder(SubjectKeyer("k")))
+    assert result.accepted == {"RiskAssessment": 1, "Observation": 1}
+    tail = ("the notification was acknowledged and the stream went on without it — fix the cause on the FHIR "
+            "server, then have it resend the resource or re-read it with a REST catch-up")
+    assert sorted(d.reason for d in result.dead_letters) == sorted(
+        f"{where}: not fetched for an id-only subscription notification ({why}); {tail}" for where, why in [
+            ("RiskAssessment/ra-3", "not-found, http-404"), ("Patient/(id not kept)", "not-found, http-404"),
+            ("RiskAssessment/ra-2", "transient, http-503"), ("RiskAssessment/ra-9", "security, foreign-server")])
+    assert {(d.resource_type, d.resource_id) for d in result.dead_letters} == {
+        ("RiskAssessment", "ra-3"), ("Patient", None), ("RiskAssessment", "ra-2"), ("RiskAssessment", "ra-9")}
+    stored = " ".join(f"{d.reason} {d.payload}" for d in result.dead_letters)
+    assert "p-secret-42" not in stored and "unknown" not in stored  # no Patient id, no server free text
+    forwarder.close()
+
+
+def test_id_only_without_a_server_to_read_from_is_logged_not_guessed(mock_cluster: MockCluster, caplog):
+    forwarder = SubscriptionForwarder(_config(mock_cluster.bootstrap),
+                                      KafkaProducer(bootstrap_servers=mock_cluster.bootstrap, acks="all",
+                                                    api_version=(2, 3)))
+    client = _client(forwarder)
+    url = "https://emr.example.org/fhir/RiskAssessment/ra-1"
+    client.post("/fhir/subscription", content=r4_backport("handshake", 0), headers={"Content-Type": FHIR_JSON})
+    answer = client.post("/fhir/subscription", headers={"Content-Type": FHIR_JSON}, content=r4_backport(
+        "event-notification", 1, [(1, "2026-02-01T10:01:00Z", url)], id_only=[url]))
+    assert answer.status_code == 200 and (forwarder.fetched, forwarder.forwarded) == (0, 0)
+    assert "no catch_up_base_url is set" in caplog.text
     forwarder.close()

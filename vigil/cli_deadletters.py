@@ -1,9 +1,9 @@
-"""`vigil deadletters list|show|replay`: the rejected inputs, kept as evidence, and what the current decoder makes of them.
+"""`vigil deadletters list|show|replay`: the rejected inputs, kept as evidence, and their re-injection once fixed.
 
 Every rejected input is stored with its source, position (file:line or topic[partition]@offset) and reason, and with
-a payload only once it is free of identifiers (DESIGN.md §Reliability). Replay re-decodes those stored payloads with
-the current decoder and reports what is now accepted and what is still rejected; it changes no dead letter (they are
-evidence: nothing is marked or deleted) and records the replay in the hash-chained audit log.
+a payload only once it is free of identifiers (DESIGN.md §Reliability). Replay (``vigil.replay``) sends those stored
+payloads through the decoder and the pipeline again and marks each replayed dead letter in the hash-chained audit
+log; ``--dry-run`` only reports what the current decoder makes of them. Dead-letter rows are never changed.
 """
 
 from __future__ import annotations
@@ -17,29 +17,28 @@ import typer
 from rich.table import Table
 from sqlalchemy import select
 
-from ingest import Decoder, SubjectKeyer, iter_message
-from vigil import audit
-from vigil.cli_common import JsonOpt, StoreOpt, console, existing_store, print_json
-from vigil.domain import DeadLetter, Position
+from vigil.cli_common import JsonOpt, StoreOpt, console, err, existing_store, print_json
+from vigil.domain import Position
+from vigil.replay import NO_PAYLOAD, ReplayRefused, ReplayReport, Selection, replay, replayed_ids
 from vigil.settings import DEFAULT_CONFIG, load_settings
 from vigil.store import DeadLetterRow, session_factory, upgrade
 
-deadletters_app = typer.Typer(help="Rejected inputs kept as evidence: list, show, replay through the current decoder.",
+deadletters_app = typer.Typer(help="Rejected inputs kept as evidence: list, show, replay into the pipeline once fixed.",
                               no_args_is_help=True)
 
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Config YAML (subject key, de-id policy).")]
-NO_PAYLOAD = "no payload kept (it held identifiers, or was not readable as JSON): nothing to replay"
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Config YAML (models, subject key, de-id policy).")]
 
 
 def _position(row: DeadLetterRow) -> str:
     return str(Position(row.source, row.position, row.partition))
 
 
-def _summary(row: DeadLetterRow) -> dict:
+def _summary(row: DeadLetterRow, replayed: dict[int, int]) -> dict:
     return {"id": row.id, "source": row.source, "partition": row.partition, "position": row.position,
             "where": _position(row), "reason": row.reason, "resource_type": row.resource_type,
             "resource_id": row.resource_id, "has_payload": row.payload is not None,
-            "created_at": row.created_at.isoformat()}
+            "created_at": row.created_at.isoformat(), "replayed": row.id in replayed,
+            "replay_audit_seq": replayed.get(row.id)}
 
 
 @deadletters_app.command("list")
@@ -59,16 +58,18 @@ def deadletters_list(
     if reason:
         query = query.where(DeadLetterRow.reason.icontains(reason, autoescape=True))
     with session_factory(url)() as s:
-        rows = [_summary(r) for r in s.scalars(query)]
+        done = replayed_ids(s)
+        rows = [_summary(r, done) for r in s.scalars(query)]
     if json:
         print_json(rows)
         return
     table = Table(title=f"{len(rows)} dead letters" + (f" (first {limit})" if len(rows) == limit else ""))
-    for col in ("id", "where", "reason", "resource", "payload"):
+    for col in ("id", "where", "reason", "resource", "payload", "replayed"):
         table.add_column(col)
     for r in rows:
         resource = f"{r['resource_type']}/{r['resource_id']}" if r["resource_type"] else "-"
-        table.add_row(str(r["id"]), r["where"], r["reason"], resource, "kept" if r["has_payload"] else "-")
+        table.add_row(str(r["id"]), r["where"], r["reason"], resource, "kept" if r["has_payload"] else "-",
+                      f"yes (audit #{r['replay_audit_seq']})" if r["replayed"] else "-")
     console.print(table)
 
 
@@ -83,7 +84,7 @@ def deadletters_show(dead_letter_id: Annotated[int, typer.Argument(metavar="ID")
         if row is None:
             raise typer.BadParameter(f"no dead letter {dead_letter_id} in {url} (list them with `vigil deadletters "
                                      "list`)", param_hint="ID")
-        data = {**_summary(row), "payload": _parsed(row.payload)}
+        data = {**_summary(row, replayed_ids(s)), "payload": _parsed(row.payload)}
     if json:
         print_json(data)
         return
@@ -106,91 +107,69 @@ def _parsed(payload: str | None) -> object:
 @deadletters_app.command("replay")
 def deadletters_replay(
     ids: Annotated[list[int] | None, typer.Argument(metavar="[IDS]...", help="Dead-letter ids to replay.")] = None,
-    all_: Annotated[bool, typer.Option("--all", help="Replay every dead letter (with --source: all of it).")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
     source: Annotated[str | None, typer.Option(help="Replay the dead letters of this source (exact).")] = None,
+    reason: Annotated[str | None, typer.Option(help="Replay those whose reason contains this text "
+                                                    "(case-insensitive), e.g. 'unknown model'.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what the current decoder makes of them; "
+                                                            "store nothing.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="With --dry-run: full FHIR validation first.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replay although the newest `vigil run` has not finished "
+                                                        "(only if it was killed).")] = False,
     by: Annotated[str | None, typer.Option(help="Who replays (audit log); default: the OS user.")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Full FHIR validation (fhir.resources) first.")] = False,
     config: ConfigOpt = DEFAULT_CONFIG,
     store: StoreOpt = None,
     json: JsonOpt = False,
 ) -> None:
-    """Re-decode stored payloads with the current decoder: what is now accepted, what is still rejected and why.
+    """Re-inject dead letters, once their cause is fixed, into the pipeline state of the last `vigil run`.
 
-    Nothing is changed or deleted (dead letters are evidence); the replay and its outcome go to the audit log.
+    Each payload goes through the reader, the decoder and the pipeline again; the results, a "deadletter.replayed"
+    audit entry per dead letter and the new pipeline checkpoint are stored in one transaction. A dead letter
+    replayed before is skipped, one without a payload is reported as not replayable; dead letters themselves are
+    never changed (they are evidence). Stop `vigil run` first.
     """
-    if not (ids or all_ or source):
-        raise typer.BadParameter("name dead-letter ids, or pass --all or --source SOURCE", param_hint="IDS")
+    if strict and not dry_run:
+        raise typer.BadParameter("--strict applies to --dry-run only (a replay decodes as the service does)",
+                                 param_hint="--strict")
+    try:
+        selection = Selection(ids=ids or (), source=source, reason=reason, all=all_)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="IDS") from None
     url = existing_store(store)
-    upgrade(url)
     settings = load_settings(config, store_url=url)
-    decoder = Decoder(SubjectKeyer(settings.subject_key), policy=settings.deid_policy, strict=strict)
-    query = select(DeadLetterRow).order_by(DeadLetterRow.id)
-    if ids:
-        query = query.where(DeadLetterRow.id.in_(ids))
-    if source is not None:
-        query = query.where(DeadLetterRow.source == source)
-    actor = by or getpass.getuser()
-    with session_factory(url)() as s, s.begin():
-        rows = list(s.scalars(query))
-        missing = sorted(set(ids or ()) - {r.id for r in rows})
-        if missing:
-            raise typer.BadParameter(f"no dead letter {', '.join(map(str, missing))} in {url}"
-                                     + (f" from source {source!r}" if source else "")
-                                     + " (list them with `vigil deadletters list`)", param_hint="IDS")
-        report = {"accepted": [], "still_rejected": [], "ignored": [], "not_replayable": []}
-        for row in rows:
-            outcome, entry = _replay(row, decoder)
-            report[outcome].append(entry)
-        audit.record(s, actor, "deadletters.replayed", "dead_letter", _id_span([r.id for r in rows]),
-                     {"ids": [r.id for r in rows], "strict": strict, "config_hash": settings.config_hash(),
-                      **{k: [e["id"] for e in v] for k, v in report.items()}})
+    try:
+        report = replay(url, settings, selection, by or getpass.getuser(), dry_run=dry_run, strict=strict,
+                        force=force)
+    except ReplayRefused as exc:
+        err.print(f"[red]replay refused:[/] {exc}")
+        raise typer.Exit(1) from None
+    refused = report.selected > 0 and len(report.entries["not_replayable"]) == report.selected
     if json:
-        print_json({"replayed": len(rows), **report})
-        return
-    table = Table(title=f"Replayed {len(rows)} dead letters through the current decoder (nothing was changed)")
+        print_json(report.as_dict())
+    else:
+        _print_report(report)
+    if refused:
+        raise typer.Exit(1)
+
+
+_STYLES = {"replayed": "green", "still_rejected": "red", "ignored": "yellow", "not_replayable": "dim",
+           "already_replayed": "cyan"}
+
+
+def _print_report(report: ReplayReport) -> None:
+    verb = "Would replay" if report.dry_run else "Replayed"
+    table = Table(title=f"{verb} {len(report.entries['replayed'])} of {report.selected} dead letters "
+                        f"({report.checkpoint})")
     for col in ("id", "where", "now", "detail"):
-        table.add_column(col)
-    styles = {"accepted": "green", "still_rejected": "red", "ignored": "yellow", "not_replayable": "dim"}
-    for outcome, entries in report.items():
+        table.add_column(col, overflow="fold")
+    for outcome, entries in report.entries.items():
+        label = "would replay" if report.dry_run and outcome == "replayed" else outcome.replace("_", " ")
         for e in entries:
-            detail = ", ".join(e["resources"]) if outcome == "accepted" else e.get("reason", "")
-            table.add_row(str(e["id"]), e["where"], f"[{styles[outcome]}]{outcome.replace('_', ' ')}[/]", detail)
+            table.add_row(str(e["id"]), e["where"], f"[{_STYLES[outcome]}]{label}[/]", e["detail"])
     console.print(table)
-    console.print(f"{len(report['accepted'])} now accepted, {len(report['still_rejected'])} still rejected, "
-                  f"{len(report['ignored'])} of types vigil does not use, {len(report['not_replayable'])} without "
-                  "a payload. Recorded in the audit log.")
-
-
-def _replay(row: DeadLetterRow, decoder: Decoder) -> tuple[str, dict]:
-    """One dead letter through ``iter_message`` + the decoder: (outcome, report entry)."""
-    entry: dict = {"id": row.id, "where": _position(row), "was": row.reason}
-    if row.payload is None:
-        return "not_replayable", {**entry, "reason": NO_PAYLOAD}
-    position = Position(row.source, row.position, row.partition)
-    accepted: list[str] = []
-    rejected: list[str] = []
-    ignored: list[str] = []
-    for item in iter_message(row.payload.encode(), position):
-        if isinstance(item, DeadLetter):
-            rejected.append(item.reason)
-            continue
-        _, resource = item
-        outcome = decoder.decode(resource, position)
-        if isinstance(outcome, DeadLetter):
-            rejected.append(outcome.reason)
-        elif outcome is None:
-            ignored.append(resource["resourceType"])
-        else:
-            accepted.append(f"{resource['resourceType']} → {type(outcome).__name__}")
-    if rejected:
-        return "still_rejected", {**entry, "reason": "; ".join(rejected)}
-    if accepted:
-        return "accepted", {**entry, "resources": accepted}
-    return "ignored", {**entry, "reason": f"vigil does not use {', '.join(ignored) or 'an empty message'}"}
-
-
-def _id_span(ids: list[int]) -> str:
-    """The audit entity id of a replay: "7", "3-9" or "none"."""
-    if not ids:
-        return "none"
-    return str(ids[0]) if len(ids) == 1 else f"{min(ids)}-{max(ids)}"
+    n = {k: len(v) for k, v in report.entries.items()}
+    console.print(f"{n['replayed']} {'would be ' if report.dry_run else ''}re-injected, {n['still_rejected']} still "
+                  f"rejected, {n['ignored']} of types vigil does not use, {n['not_replayable']} not replayable "
+                  f"(no payload), {n['already_replayed']} replayed before"
+                  + (f"; {report.duplicates} records were already counted (duplicates)" if report.duplicates else "")
+                  + ("." if report.dry_run else ". Recorded in the audit log."))

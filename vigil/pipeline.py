@@ -107,7 +107,7 @@ class RunResult:
 class Pipeline:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.decoder = Decoder(SubjectKeyer(settings.subject_key), policy=settings.deid_policy)
+        self.decoder = decoder_for(settings)
         self.mapper = FactMapper(ConceptMaps.load(settings.concept_maps), [m.outcome for m in settings.models],
                                  fallback=_terminology(settings))
         self.result = RunResult(alerts=AlertBook(claims={m.id: dict(m.claims) for m in settings.models}))
@@ -128,6 +128,7 @@ class Pipeline:
         # lookback of any model, plus the day ``prune_facts`` keeps (an older event is ``late``)
         self.horizon = max((_fact_horizon(m) for m in settings.models), default=timedelta(days=1))
         self._encounter_starts: list[tuple[datetime, str]] = []  # heap, to forget old encounters
+        self._high_water: datetime | None = None  # the latest arrival so far
         self._next_day: datetime | None = None  # midnight after the watermark: daily housekeeping is due then
 
     # --- entry points ----------------------------------------------------------------------------------
@@ -157,8 +158,7 @@ class Pipeline:
                 events.append((position, rec))
         events.sort(key=_arrival_order)
         for i, (position, event) in enumerate(events):
-            watermark = event.received or event.time
-            self._advance(watermark)  # windows that closed before this event arrived close first
+            watermark = self._advance(event.received or event.time)  # windows closed before it arrived close first
             if self._late(event, position) or self._is_duplicate(event):
                 continue
             if isinstance(event, Prediction):
@@ -187,7 +187,7 @@ class Pipeline:
         checkpoint stay bounded by the label horizon: daily points older than each model's label window and grace
         (plus a day), and settled cases whose prediction is beyond the horizon (an event about them is ``late``).
         Returns how many points and cases were dropped."""
-        watermark = self.result.watermark
+        watermark = self._high_water
         if watermark is None:
             return 0
         dropped = 0
@@ -206,7 +206,7 @@ class Pipeline:
     def bind(self, settings: Settings) -> Pipeline:
         """Attach the settings (and a decoder built from them) to a pipeline restored from a checkpoint."""
         self.settings = settings
-        self.decoder = Decoder(SubjectKeyer(settings.subject_key), policy=settings.deid_policy)
+        self.decoder = decoder_for(settings)
         self.mapper.fallback = _terminology(settings)
         return self
 
@@ -230,12 +230,12 @@ class Pipeline:
         prediction is also dead-lettered (it is lost to monitoring, and an operator should see why)."""
         run = self.result.models.get(event.model_id) if isinstance(event, Prediction) else None
         horizon = _prediction_horizon(run.config) if run is not None else self.horizon
-        if event.time >= self.result.watermark - horizon:
+        if event.time >= self._high_water - horizon:
             return False
         rtype = event.resource_type if isinstance(event, Fact) else "RiskAssessment"
         self.result.late[rtype] += 1
         if isinstance(event, Prediction):
-            days = (self.result.watermark - event.time) / timedelta(days=1)
+            days = (self._high_water - event.time) / timedelta(days=1)
             self._reject(DeadLetter(position, f"RiskAssessment/{event.resource_id}: arrived {days:.0f} days after "
                                     f"its prediction time, after its label window and grace closed "
                                     f"(+1 day): too late to be labeled, not monitored",
@@ -405,13 +405,18 @@ class Pipeline:
             if not positive:
                 self._signals(observe("fpr", pred.site, cells_, float(case.decision), pred.time, watermark))
 
-    def _advance(self, watermark: datetime) -> None:
+    def _advance(self, watermark: datetime) -> datetime:
+        """Move the feed's watermark to this event's arrival and close, release and complete what is due by then.
+
+        The high-water mark (the latest arrival ever) only grows: lateness and forgetting are judged against it, so
+        a replayed old resource is ``late`` rather than counted again once its version has been forgotten."""
         self.result.watermark = watermark
+        self._high_water = max(watermark, self._high_water or watermark)
         new_day = self._next_day is None or watermark >= self._next_day
         if new_day:
             self._next_day = watermark.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
-            self._forget_versions(watermark)
-            self._forget_encounters(watermark)
+            self._forget_versions(self._high_water)
+            self._forget_encounters(self._high_water)
         for run in self.result.models.values():
             for case in run.join.advance(watermark):
                 self._on_case(run, case, watermark)
@@ -422,6 +427,7 @@ class Pipeline:
         after = self.settings.monitors.auto_resolve_after
         if new_day and after is not None:
             self.result.alerts.auto_resolve(watermark, after, self._in_control)
+        return watermark
 
     def _forget_encounters(self, watermark: datetime) -> None:
         """Encounters that began a year before the horizon: an event inside one of them would be ``late``."""
@@ -503,6 +509,13 @@ def _settled(run: ModelRun, subject: str, rid: str) -> None:
         waiting.discard(rid)
         if not waiting:
             del run.unreleased[subject]
+
+
+def decoder_for(settings: Settings, strict: bool = False) -> Decoder:
+    """The feed's decoder: the subject key and de-identification policy, and the configured models (a prediction
+    for another model is dead-lettered at decode time, with its redacted payload, so it can be replayed later)."""
+    return Decoder(SubjectKeyer(settings.subject_key), policy=settings.deid_policy, strict=strict,
+                   models=[m.id for m in settings.models])
 
 
 def _prediction_horizon(model: ModelConfig) -> timedelta:

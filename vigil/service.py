@@ -33,6 +33,19 @@ from vigil.store import RunRow, engine_for, upgrade
 log = logging.getLogger(__name__)
 
 
+def store_and_checkpoint(session: Session, pipeline: Pipeline, settings: Settings, name: str,
+                         window_metrics: bool) -> int:
+    """In the caller's transaction: store the pipeline's new results, then its checkpoint — the state that produced
+    exactly those results (the deltas are marked stored first, so a restore does not store them again; stored days
+    and settled cases are forgotten first, so memory and checkpoint stay bounded). Returns the checkpoint's size."""
+    store_results(session, pipeline.result, settings.routing)
+    if window_metrics:
+        compute_window_metrics(session, settings)
+    pipeline.result.mark_stored()
+    pipeline.forget_stored()
+    return checkpoint.save(session, pipeline, settings, name)
+
+
 @dataclass
 class ServiceReport:
     restored: str = ""
@@ -122,16 +135,12 @@ class Service:
         with factory() as session, session.begin():
             if self._run.id is None:
                 record_config(session, self.settings)
-            store_results(session, result, self.settings.routing)
             for source in self.sources:
                 offsets.save_checkpoint(session, source.name, source.checkpoint())
-            if final:  # windowed AUROC, O/E, calibration: re-read from all stored cases, so once per run
-                compute_window_metrics(session, self.settings)
             self._run = record_run(session, self._run, result, final=final)
-            result.mark_stored()  # before the checkpoint, so a restore does not store these deltas again
-            self.pipeline.forget_stored()  # bounded memory: stored days and cases that can no longer change
-            self.report.checkpoint_bytes = checkpoint.save(session, self.pipeline, self.settings,
-                                                           self.checkpoint_name)
+            # windowed AUROC, O/E, calibration are re-read from all stored cases, so once per run
+            self.report.checkpoint_bytes = store_and_checkpoint(session, self.pipeline, self.settings,
+                                                                self.checkpoint_name, window_metrics=final)
         self.report.commits += 1
         self.report.run_id = self._run.id
         for source in self.sources:

@@ -11,6 +11,12 @@ When events are missing (a gap in event numbers, or an empty payload) and ``catc
 resources are re-read with an incremental ``_lastUpdated`` search from the last good event (``ingest.rest_poll``) in
 a background thread and forwarded the same way; duplicates are harmless downstream (the pipeline keeps one version
 per resource). Without it the catch-up query is logged for the operator.
+
+An ``id-only`` notification names its resources without sending them: with ``catch_up_base_url`` set, each one is
+read from that server (``ingest.id_only``, with ``catch_up_auth_env``) and forwarded before the answer, like a
+full-resource payload. A resource that cannot be read is forwarded as a fetch-failure OperationOutcome instead,
+which the pipeline's decoder stores as a dead letter with the reason; the notification is still acknowledged, so
+the stream goes on.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ import threading
 from fastapi import APIRouter
 from kafka import KafkaProducer
 
-from ingest.rest_poll import RestPollSource, RestPollSourceConfig
+from ingest.id_only import IdOnlyFetcher
+from ingest.rest_poll import FhirHttpConfig, RestPollSource, RestPollSourceConfig
 from ingest.sources import Checkpoint, Message
 from ingest.subscription import (
     CatchUpQuery,
@@ -34,12 +41,16 @@ from ingest.subscription import (
 log = logging.getLogger(__name__)
 
 FORWARD_TIMEOUT_S = 10.0
+FETCH = {"timeout_s": 10.0, "max_retries": 2, "backoff_s": 0.5, "max_backoff_s": 5.0}
+"""id-only reads happen before the notification is answered: a few quick retries, so the FHIR server's own
+notification timeout is not reached; what still fails is dead-lettered, not retried forever."""
 
 
 class SubscriptionForwarder:
     """One configured subscription endpoint; ``router()`` is mounted into the API."""
 
-    def __init__(self, config: SubscriptionConfig, producer: KafkaProducer | None = None):
+    def __init__(self, config: SubscriptionConfig, producer: KafkaProducer | None = None,
+                 fetcher: IdOnlyFetcher | None = None):
         if not (config.forward_topic and config.forward_bootstrap_servers):
             raise ValueError(f"subscription {config.name!r}: set forward_bootstrap_servers and forward_topic — "
                              "`vigil serve` forwards notified resources to Kafka for `vigil run` to consume")
@@ -50,6 +61,11 @@ class SubscriptionForwarder:
         self.forwarded = 0
         self.catch_ups: list[CatchUpQuery] = []  # gaps seen
         self.recovered = 0  # resources re-read and forwarded by catch-up queries
+        self.fetched = 0  # id-only resources read and forwarded
+        self.fetch_failures = 0  # id-only resources that could not be read (forwarded as dead letters)
+        self.fetcher = fetcher or (IdOnlyFetcher(FhirHttpConfig(base_url=config.catch_up_base_url,
+                                                                auth_env=config.catch_up_auth_env, **FETCH))
+                                   if config.catch_up_base_url else None)
         self._catching_up: list[threading.Thread] = []
 
     def router(self) -> APIRouter:
@@ -70,11 +86,24 @@ class SubscriptionForwarder:
                             result.catch_up.subscription, ", ".join(result.catch_up.resource_types),
                             result.catch_up.since)
         if result.fetch:
-            log.warning("%s: id-only notification; %d resources must be fetched from the FHIR server",
-                        self.config.name, len(result.fetch))
+            self._fetch(result.subscription, result.fetch)
 
-    def _send(self, subscription: str, messages: list[Message]) -> None:
-        futures = [self.producer.send(self.config.forward_topic, key=subscription.encode(), value=m.payload)
+    def _fetch(self, subscription: str, references: list[str]) -> None:
+        """Read the resources an id-only notification names, and forward them (or their fetch failures)."""
+        if self.fetcher is None:
+            log.warning("%s: id-only notification naming %d resources, but no catch_up_base_url is set to read "
+                        "them from: set it (and catch_up_auth_env) or have the server send full-resource payloads",
+                        self.config.name, len(references))
+            return
+        fetched = [self.fetcher.fetch(reference) for reference in references]
+        self._send(subscription, [f.payload for f in fetched])
+        ok = sum(f.ok for f in fetched)
+        self.fetched += ok
+        self.fetch_failures += len(fetched) - ok
+
+    def _send(self, subscription: str, messages: list[Message] | list[bytes]) -> None:
+        futures = [self.producer.send(self.config.forward_topic, key=subscription.encode(),
+                                      value=m if isinstance(m, bytes) else m.payload)
                    for m in messages]
         self.producer.flush(timeout=FORWARD_TIMEOUT_S)
         for future in futures:
@@ -106,3 +135,5 @@ class SubscriptionForwarder:
 
     def close(self) -> None:
         self.producer.close(timeout=FORWARD_TIMEOUT_S)
+        if self.fetcher is not None:
+            self.fetcher.close()
