@@ -16,7 +16,8 @@ import orjson
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
-from ingest.deid import PERSON_TYPES, SubjectKeyer, find_identifiers, oldest_safe_birth_year, redact, safe_birth_year
+from ingest.deid import (KEYED_TYPES, PERSON_TYPES, SubjectKeyer, find_identifiers, oldest_safe_birth_year, redact,
+                        safe_birth_year)
 from ingest.reader import NOT_FHIR
 from vigil.domain import (
     Coding,
@@ -136,11 +137,11 @@ class Decoder:
         return DeadLetter(position, f"{label}: {problem}", rtype if isinstance(rtype, str) else None, rid, payload)
 
     def _safe_id(self, resource: dict) -> str | None:
-        """The resource id fit for a dead letter: a Patient's id is keyed like its subject."""
-        rid = resource.get("id")
+        """The resource id fit for a dead letter: a Patient's or Encounter's id is keyed as its references are."""
+        rid, rtype = resource.get("id"), resource.get("resourceType")
         if not isinstance(rid, str) or not rid:
             return None
-        return self.keyer.key(f"Patient/{rid}") if resource.get("resourceType") == "Patient" else rid
+        return self.keyer.key(f"{rtype}/{rid}") if rtype in KEYED_TYPES else rid
 
     # --- reference data ----------------------------------------------------------------
 

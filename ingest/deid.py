@@ -28,6 +28,9 @@ FULL_BIRTH_DATE = "birthDate (full date)"
 
 
 KEYED_PREFIX = "vigil-key."
+KEYED_TYPES = ("Patient", "Encounter")
+"""Resource types whose ids are keyed wherever they appear: the patient, and the visit (a visit or account number
+identifies a person too — Safe Harbor's "any other unique identifying number")."""
 """Starts the id of a Patient that vigil already keyed, in the payloads it stores (dead letters):
 ``vigil-key.<key>.<tag>``, where ``tag`` is an HMAC of the key under the same secret, so only a holder of the
 subject key can produce one."""
@@ -67,23 +70,26 @@ class SubjectKeyer:
     def marked(self, reference: str) -> str:
         """The id to store for a keyed reference: ``vigil-key.<key>.<tag>`` (59 characters, a valid FHIR id)."""
         key = self.key(reference)
-        return f"{KEYED_PREFIX}{key}.{self._tag(key)}"
+        return f"{KEYED_PREFIX}{key}.{self._tag(reference.partition('/')[0], key)}"
 
     def _hash(self, text: str) -> str:
         mac = self._keyed.copy()
         mac.update(text.encode())
         return mac.hexdigest()[:32]
 
-    def _tag(self, key: str) -> str:
-        # "\0" cannot occur in a FHIR reference, so a tag is never the key of any reference
-        return self._hash("\0keyed\0" + key)[:16]
+    def _tag(self, rtype: str, key: str) -> str:
+        # "\0" cannot occur in a FHIR reference, so a tag is never the key of any reference; the type is in the tag,
+        # so a patient's mark does not pass as a visit's
+        return self._hash(f"\0keyed\0{rtype}\0{key}")[:16]
 
     def _already_keyed(self, reference: str) -> str | None:
-        """The key a marked ``Patient/<id>`` carries, if its tag verifies; else None (it is an ordinary id)."""
-        if KEYED_PREFIX not in reference or not reference.startswith("Patient/"):
+        """The key a marked ``Patient/<id>`` (or ``Encounter/<id>``) carries, if its tag verifies; else None (it is an
+        ordinary id)."""
+        rtype, _, rid = reference.partition("/")
+        if rtype not in KEYED_TYPES or not rid.startswith(KEYED_PREFIX):
             return None
-        key, _, tag = reference[len("Patient/") + len(KEYED_PREFIX):].partition(".")
-        if len(key) == 32 and len(tag) == 16 and hmac.compare_digest(tag, self._tag(key)):
+        key, _, tag = rid[len(KEYED_PREFIX):].partition(".")
+        if len(key) == 32 and len(tag) == 16 and hmac.compare_digest(tag, self._tag(rtype, key)):
             return key
         return None
 
@@ -150,19 +156,20 @@ def safe_birth_year(birth_date: str, oldest_year: int) -> int:
 
 
 def keyed_reference(reference: str, keyer: SubjectKeyer) -> str:
-    """``Patient/<id>`` (possibly absolute or versioned) → ``Patient/<marked key>``; other references unchanged.
+    """``Patient/<id>`` or ``Encounter/<id>`` (possibly absolute or versioned) → ``<Type>/<marked key>``; other
+    references unchanged.
 
-    The marked key (``SubjectKeyer.marked``) lets a stored payload be decoded again without keying its subject twice.
+    The marked key (``SubjectKeyer.marked``) lets a stored payload be decoded again without keying it twice.
 
     A conditional reference ``Patient?identifier=...`` carries the identifier itself and is blanked.
     """
-    if reference.startswith("Patient?") or "/Patient?" in reference:
-        return "Patient?(redacted)"
-    head, sep, tail = reference.partition("Patient/")
-    if not sep or (head and not head.endswith("/")):
-        return reference
-    patient_id = tail.split("/", 1)[0]
-    return f"Patient/{keyer.marked('Patient/' + patient_id)}"
+    for rtype in KEYED_TYPES:
+        if reference.startswith(f"{rtype}?") or f"/{rtype}?" in reference:
+            return f"{rtype}?(redacted)"
+        head, sep, tail = reference.partition(f"{rtype}/")
+        if sep and (not head or head.endswith("/")):
+            return f"{rtype}/{keyer.marked(f'{rtype}/' + tail.split('/', 1)[0])}"
+    return reference
 
 
 def redact(resource: dict, keyer: SubjectKeyer, oldest_year: int | None = None) -> dict:
@@ -195,8 +202,8 @@ def _redact_value(value: Any, keyer: SubjectKeyer, oldest_year: int) -> Any:
             continue
         if key == "reference" and isinstance(item, str):
             out[key] = keyed_reference(item, keyer)
-        elif person and key == "id" and value["resourceType"] == "Patient" and isinstance(item, str):
-            out[key] = keyer.marked(f"Patient/{item}")
+        elif key == "id" and value.get("resourceType") in KEYED_TYPES and isinstance(item, str):
+            out[key] = keyer.marked(f"{value['resourceType']}/{item}")
         elif person and key == "birthDate" and isinstance(item, str) and item[:4].isdigit():
             out[key] = str(safe_birth_year(item, oldest_year))
         elif key == "extension" and dropped:

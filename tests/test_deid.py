@@ -109,7 +109,8 @@ def test_redacted_event_keys_patient_references_and_drops_displays_and_attachmen
     safe = redact(encounter, keyer, OLDEST)
     assert safe["subject"] == {"reference": f"Patient/{keyer.marked('Patient/79a66c97-6131-3213-f3c9-4606946ab056')}"}
     assert "Upton904" not in orjson.dumps(safe).decode()  # the patient's name was in subject.display
-    assert safe["period"] == encounter["period"] and safe["id"] == encounter["id"]
+    assert safe["period"] == encounter["period"]
+    assert safe["id"] == keyer.marked(f"Encounter/{encounter['id']}")  # a visit number identifies a person too
     document = _first("DocumentReference")
     safe_doc = redact(document, keyer, OLDEST)
     attachment = safe_doc["content"][0]["attachment"]
@@ -123,13 +124,17 @@ def test_redacted_event_keys_patient_references_and_drops_displays_and_attachmen
         ("Patient/p1", "Patient/{key}"),
         ("https://ehr.example/fhir/Patient/p1/_history/3", "Patient/{key}"),
         ("Patient?identifier=http://hl7.org/fhir/sid/us-ssn|999-94-5397", "Patient?(redacted)"),
-        ("Encounter/e1", "Encounter/e1"),
+        ("Encounter/e1", "Encounter/{visit}"),
+        ("https://ehr.example/fhir/Encounter/e1/_history/2", "Encounter/{visit}"),
+        ("Encounter?identifier=http://hospital.example/visit|V123", "Encounter?(redacted)"),
         ("RelatedPatient/p1", "RelatedPatient/p1"),
+        ("Observation/o1", "Observation/o1"),
     ],
 )
 def test_keyed_reference(reference, expected):
     keyer = SubjectKeyer("k")
-    assert keyed_reference(reference, keyer) == expected.format(key=keyer.marked("Patient/p1"))
+    assert keyed_reference(reference, keyer) == expected.format(key=keyer.marked("Patient/p1"),
+                                                                visit=keyer.marked("Encounter/e1"))
 
 
 def test_a_marked_key_keys_to_itself_and_only_with_a_valid_tag():
@@ -143,9 +148,11 @@ def test_a_marked_key_keys_to_itself_and_only_with_a_valid_tag():
     assert keyer.key(f"Patient/{marked}") == key
     assert keyed_reference(f"Patient/{marked}", keyer) == f"Patient/{marked}"  # redacting again changes nothing
     assert SubjectKeyer("k").key(f"Patient/{marked}") == key  # another process with the same secret
+    visit = keyer.marked("Encounter/e1")
+    assert keyer.key(f"Encounter/{visit}") == keyer.key("Encounter/e1")  # visits are keyed and marked alike
     forged = f"vigil-key.{key}.{'0' * 16}"
     other = SubjectKeyer("other").marked("Patient/p1")
     for not_ours in (forged, other, f"vigil-key.{key}"):
         assert keyer.key(f"Patient/{not_ours}") == hmac.new(b"k", f"Patient/{not_ours}".encode(),
                                                             hashlib.sha256).hexdigest()[:32]
-    assert keyer.key(f"Encounter/{marked}") != key  # only Patient references carry a subject key
+    assert keyer.key(f"Encounter/{marked}") != key  # a patient's mark is not a visit's
