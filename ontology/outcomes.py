@@ -8,7 +8,8 @@ nothing (None) while it cannot yet tell.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -22,6 +23,71 @@ _TOLERANCE = 1e-9
 """Slack on the lab thresholds so 1.3 − 1.0 counts as a rise of 0.3 despite binary floating point."""
 
 
+def _order(of: OutcomeFact) -> tuple[datetime, str]:
+    return of.fact.time, of.fact.resource_id
+
+
+class FactTimeline:
+    """One subject's facts that bear on an outcome, kept in (clinical time, resource id) order.
+
+    The label join holds one per subject and updates it as facts arrive, are amended (a new version replaces the old,
+    possibly at another time) or are retracted, so a definition takes its lookback and window slices by bisection
+    instead of filtering and sorting all of the subject's facts for every pending prediction (BENCHMARKS.md R4).
+    ``facts`` and ``times`` are parallel lists (``times[i] == facts[i].fact.time``); read them, do not modify them.
+    Built from a sequence, a timeline keeps every element, even two versions of one resource, exactly as
+    ``evaluate`` always treated its argument; ``put`` and ``remove`` keep one version per resource id.
+    """
+
+    __slots__ = ("facts", "times", "_by_id")
+
+    def __init__(self, facts: Iterable[OutcomeFact] = ()) -> None:
+        self.facts: list[OutcomeFact] = sorted(facts, key=_order)  # stable: ties keep their given order
+        self.times: list[datetime] = [of.fact.time for of in self.facts]
+        self._by_id: dict[str, OutcomeFact] = {of.fact.resource_id: of for of in self.facts}
+
+    def __len__(self) -> int:
+        return len(self.facts)
+
+    def __contains__(self, resource_id: str) -> bool:
+        return resource_id in self._by_id
+
+    def put(self, of: OutcomeFact) -> None:
+        """Add a fact, or replace the held version of the same resource."""
+        rid = of.fact.resource_id
+        old = self._by_id.get(rid)
+        if old is not None:
+            self._drop(old)
+        self._by_id[rid] = of
+        t, times, facts = of.fact.time, self.times, self.facts
+        i = bisect_right(times, t)  # facts usually arrive in time order: this is the end of the list
+        while i and times[i - 1] == t and facts[i - 1].fact.resource_id > rid:
+            i -= 1
+        times.insert(i, t)
+        facts.insert(i, of)
+
+    def remove(self, resource_id: str) -> OutcomeFact | None:
+        """Take a resource's fact out (it was entered in error); the removed fact, or None if none was held."""
+        of = self._by_id.pop(resource_id, None)
+        if of is not None:
+            self._drop(of)
+        return of
+
+    def drop_before(self, cutoff: datetime) -> int:
+        """Forget every fact whose time is before ``cutoff``; returns how many."""
+        n = bisect_left(self.times, cutoff)
+        for of in self.facts[:n]:
+            if self._by_id.get(of.fact.resource_id) is of:
+                del self._by_id[of.fact.resource_id]
+        del self.facts[:n], self.times[:n]
+        return n
+
+    def _drop(self, of: OutcomeFact) -> None:
+        i = bisect_left(self.times, of.fact.time)
+        while self.facts[i] is not of:  # past facts at the same instant (another resource id)
+            i += 1
+        del self.facts[i], self.times[i]
+
+
 class OutcomeDefinition(Protocol):
     ref: str
 
@@ -33,6 +99,12 @@ class OutcomeDefinition(Protocol):
         self, prediction_time: datetime, window: timedelta, facts: Sequence[OutcomeFact], closed: bool
     ) -> Decision | None:
         """(label, evidence resource ids) once decidable from this subject's non-retracted facts, else None."""
+        ...
+
+    def decide(
+        self, prediction_time: datetime, window: timedelta, timeline: FactTimeline, closed: bool
+    ) -> Decision | None:
+        """``evaluate`` on facts already filtered by ``relevant`` and ordered (the label join's timeline)."""
         ...
 
 
@@ -52,14 +124,15 @@ class CodeSetOutcome:
     def evaluate(
         self, prediction_time: datetime, window: timedelta, facts: Sequence[OutcomeFact], closed: bool
     ) -> Decision | None:
-        end = prediction_time + window
-        hits = sorted(
-            (of.fact.time, of.fact.resource_id)
-            for of in facts
-            if self.relevant(of) and prediction_time <= of.fact.time <= end
-        )
-        if hits:
-            return Label.POSITIVE, tuple(dict.fromkeys(rid for _, rid in hits))
+        return self.decide(prediction_time, window, FactTimeline(of for of in facts if self.relevant(of)), closed)
+
+    def decide(
+        self, prediction_time: datetime, window: timedelta, timeline: FactTimeline, closed: bool
+    ) -> Decision | None:
+        times = timeline.times
+        lo, hi = bisect_left(times, prediction_time), bisect_right(times, prediction_time + window)
+        if lo < hi:  # evidence: every hit in time order, each resource once
+            return Label.POSITIVE, tuple(dict.fromkeys(of.fact.resource_id for of in timeline.facts[lo:hi]))
         return (Label.NEGATIVE, ()) if closed else None
 
 
@@ -100,14 +173,19 @@ class LabRiseOutcome:
     def evaluate(
         self, prediction_time: datetime, window: timedelta, facts: Sequence[OutcomeFact], closed: bool
     ) -> Decision | None:
-        end = prediction_time + window
-        values = sorted((of for of in facts if self.relevant(of)), key=lambda of: (of.fact.time, of.fact.resource_id))
-        before = [of for of in values if prediction_time - self.baseline_lookback <= of.fact.time < prediction_time]
-        inside = [of for of in values if prediction_time <= of.fact.time <= end]
-        if before:
-            baseline, later = before[-1], inside
-        elif inside:
-            baseline, later = inside[0], inside[1:]
+        return self.decide(prediction_time, window, FactTimeline(of for of in facts if self.relevant(of)), closed)
+
+    def decide(
+        self, prediction_time: datetime, window: timedelta, timeline: FactTimeline, closed: bool
+    ) -> Decision | None:
+        values, times = timeline.facts, timeline.times
+        lookback = bisect_left(times, prediction_time - self.baseline_lookback)  # first value in the lookback
+        start = bisect_left(times, prediction_time)  # first value inside the window
+        end = bisect_right(times, prediction_time + window)  # past the last value inside it
+        if lookback < start:  # the latest value before the prediction, within the lookback
+            baseline, later = values[start - 1], values[start:end]
+        elif start < end:
+            baseline, later = values[start], values[start + 1:end]
         else:
             return (Label.NEGATIVE, ()) if closed else None
         for i, of in enumerate(later):

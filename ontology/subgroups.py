@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
+from functools import lru_cache
 
 from vigil.domain import ALL, DeviceInfo, SubjectInfo
 from vigil.settings import SubgroupConfig
@@ -76,13 +77,26 @@ def attributes(
 def cells(attrs: dict[str, str], cfg: SubgroupConfig) -> list[str]:
     """The stream cells one prediction counts in: "all", each "key=value", then each declared intersection
     "a=x&b=y" in the order its keys are declared (an intersection needs all its keys present).
+
+    Called for every metric a prediction is observed in, while the distinct attribute combinations are few (sex ×
+    age band × race × ethnicity × scanner): the cells are memoised on the attributes and the configuration as they
+    are now (BENCHMARKS.md R6). A fresh list is returned each time, so a caller may keep or change it.
     """
+    layout = (tuple(cfg.attributes), tuple(map(tuple, cfg.intersections)) if cfg.intersections else ())
+    return list(_cells(tuple(attrs.items()), layout))
+
+
+@lru_cache(maxsize=4096)
+def _cells(attrs: tuple[tuple[str, str], ...], layout: tuple[tuple[str, ...], tuple[tuple[str, ...], ...]]
+           ) -> tuple[str, ...]:
+    values = dict(attrs)
+    names, intersections = layout
     out = [ALL]
-    out += (f"{name}={attrs[name]}" for name in cfg.attributes if name in attrs)
-    for keys in cfg.intersections:
-        if all(k in attrs for k in keys):
-            out.append("&".join(f"{k}={attrs[k]}" for k in keys))
-    return out
+    out += (f"{name}={values[name]}" for name in names if name in values)
+    for keys in intersections:
+        if all(k in values for k in keys):
+            out.append("&".join(f"{k}={values[k]}" for k in keys))
+    return tuple(out)
 
 
 def _scanner(device: DeviceInfo) -> str:

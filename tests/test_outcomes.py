@@ -5,8 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ontology import CodeSetOutcome, LabRiseOutcome, definition_for
+from ontology.outcomes import FactTimeline
 from vigil.domain import Coding, Fact, Label, OutcomeFact
 from vigil.settings import CodeRef, OutcomeConfig
 
@@ -163,3 +166,92 @@ def test_code_set_ignores_other_and_unmapped_concepts(cad: CodeSetOutcome) -> No
 def test_unusable_outcome_config_is_refused(update: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         definition_for(AKI.model_copy(update=update))
+
+
+# --- the ordered timeline the label join keeps (BENCHMARKS.md R4) -------------------------------------------------
+
+
+def _reference(definition, prediction_time, window, facts, closed):
+    """``evaluate`` as committed at 03fc6df (filter and sort every call), the behaviour the timeline must keep."""
+    end = prediction_time + window
+    if isinstance(definition, CodeSetOutcome):
+        hits = sorted((of.fact.time, of.fact.resource_id) for of in facts
+                      if definition.relevant(of) and prediction_time <= of.fact.time <= end)
+        if hits:
+            return Label.POSITIVE, tuple(dict.fromkeys(rid for _, rid in hits))
+        return (Label.NEGATIVE, ()) if closed else None
+    values = sorted((of for of in facts if definition.relevant(of)), key=lambda of: (of.fact.time, of.fact.resource_id))
+    before = [of for of in values if prediction_time - definition.baseline_lookback <= of.fact.time < prediction_time]
+    inside = [of for of in values if prediction_time <= of.fact.time <= end]
+    if before:
+        baseline, later = before[-1], inside
+    elif inside:
+        baseline, later = inside[0], inside[1:]
+    else:
+        return (Label.NEGATIVE, ()) if closed else None
+    for i, of in enumerate(later):
+        if definition.relative_rise is not None and baseline.value > 0 \
+                and of.value >= definition.relative_rise * baseline.value - 1e-9:
+            return Label.POSITIVE, (baseline.fact.resource_id, of.fact.resource_id)
+        if definition.absolute_rise is not None:
+            since = of.fact.time - definition.absolute_rise_within
+            for ref in (baseline, *later[:i]):
+                if ref.fact.time >= since and of.value - ref.value >= definition.absolute_rise - 1e-9:
+                    return Label.POSITIVE, (ref.fact.resource_id, of.fact.resource_id)
+    if closed:
+        return Label.NEGATIVE, tuple(dict.fromkeys(of.fact.resource_id for of in [baseline, *later]))
+    return None
+
+
+# facts on a coarse grid of hours and a small pool of ids, so ties in time and new versions of one id are common
+_op = st.tuples(
+    st.sampled_from(["put", "put", "put", "remove"]),
+    st.sampled_from([f"r{i}" for i in range(8)]),
+    st.integers(-6, 14).map(lambda h: h * 6),  # hours from T0: on the grid of the prediction and window ends
+    st.sampled_from([0.5, 0.8, 1.0, 1.1, 1.3, 1.6, 2.0]),
+    st.sampled_from([CREATININE, STENOSIS, CREATININE, ANGIOGRAPHY, CREATININE, STENOSIS, Coding(LOINC, "2345-7")]),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(_op, max_size=30), at=st.integers(0, 4).map(lambda h: h * 6), closed=st.booleans(),
+       which=st.sampled_from(["aki", "cad"]))
+def test_a_timeline_kept_by_put_and_remove_decides_as_evaluate_did(ops, at, closed, which, aki, cad) -> None:
+    definition = aki if which == "aki" else cad
+    window = H48 if which == "aki" else timedelta(days=4)
+    timeline, held = FactTimeline(), {}
+    for op, rid, hours, value, concept in ops:
+        if op == "remove":
+            assert (timeline.remove(rid) is not None) == (rid in held)
+            held.pop(rid, None)
+            continue
+        of = outcome_fact(rid, T0 + timedelta(hours=hours), concept, value, "mg/dL")
+        if definition.relevant(of):  # what the join keeps
+            timeline.put(of)
+            held[rid] = of
+    assert timeline.facts == sorted(held.values(), key=lambda of: (of.fact.time, of.fact.resource_id))
+    assert timeline.times == [of.fact.time for of in timeline.facts] and len(timeline) == len(held)
+    prediction_time = T0 + timedelta(hours=at)
+    expected = _reference(definition, prediction_time, window, list(held.values()), closed)
+    assert definition.decide(prediction_time, window, timeline, closed) == expected
+    # evaluate on a plain list (duplicate versions and irrelevant facts included) is unchanged too
+    raw = [outcome_fact(rid, T0 + timedelta(hours=h), c, v, "mg/dL") for op, rid, h, v, c in ops if op == "put"]
+    assert definition.evaluate(prediction_time, window, raw, closed) == _reference(
+        definition, prediction_time, window, raw, closed)
+
+
+def test_lab_values_on_the_prediction_time_and_the_window_end_are_inside(aki: LabRiseOutcome) -> None:
+    base = lab("base", -6, 1.0)
+    assert aki.evaluate(T0, H48, [base, lab("at-0", 0, 1.35)], closed=False) == (Label.POSITIVE, ("base", "at-0"))
+    assert aki.evaluate(T0, H48, [base, lab("at-48", 48, 1.6)], closed=False) == (Label.POSITIVE, ("base", "at-48"))
+    assert aki.evaluate(T0, H48, [lab("at-24h-ago", -24, 1.0), lab("h10", 10, 1.3)], closed=False) == (
+        Label.POSITIVE, ("at-24h-ago", "h10"))  # the lookback's far end is a baseline too
+
+
+def test_drop_before_forgets_old_facts_only() -> None:
+    timeline = FactTimeline([lab("a", -30, 1.0), lab("b", -6, 1.1), lab("c", 0, 1.2), lab("d", 10, 1.3)])
+    assert timeline.drop_before(T0) == 2
+    assert [of.fact.resource_id for of in timeline.facts] == ["c", "d"]
+    assert "a" not in timeline and "c" in timeline
+    assert timeline.remove("a") is None and timeline.remove("c") is not None
+    assert timeline.times == [T0 + timedelta(hours=10)]

@@ -97,3 +97,17 @@ def test_cells_with_an_intersection_in_declared_key_order() -> None:
     ]
     without_scanner = attributes(SubjectInfo("subj-6", 2000, "female", None, None), None, AT, cfg)
     assert cells(without_scanner, cfg) == ["all", "sex=female", "age_band=18-49", "age_band=18-49&sex=female"]
+
+
+def test_memoised_cells_follow_the_configuration_and_hand_out_fresh_lists() -> None:
+    cfg = SubgroupConfig(attributes=["sex", "age_band"])
+    attrs = {"sex": "female", "age_band": "50-64"}
+    first = cells(attrs, cfg)
+    assert first == ["all", "sex=female", "age_band=50-64"]
+    first.append("changed by a caller")
+    assert cells(attrs, cfg) == ["all", "sex=female", "age_band=50-64"]
+    cfg.intersections.append(["sex", "age_band"])  # the same config object, changed in place
+    assert cells(attrs, cfg) == ["all", "sex=female", "age_band=50-64", "sex=female&age_band=50-64"]
+    cfg.attributes = ["age_band"]
+    assert cells(attrs, cfg) == ["all", "age_band=50-64", "sex=female&age_band=50-64"]
+    assert cells({"age_band": "80+"}, cfg) == ["all", "age_band=80+"]

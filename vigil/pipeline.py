@@ -318,17 +318,19 @@ class Pipeline:
             for monitor in run.monitors.values():
                 self._signals(monitor.observe("unmapped_rate", fact.site, coverage, float(not of.mapped), fact.time,
                                               watermark))
-        if not of.mapped:
+        correction = fact.status in _CORRECTIONS or fact.version_id not in ("", "1")
+        if not of.mapped and not correction:
             return
         # every model whose outcome this fact can bear on keeps it, even before that subject's prediction arrives
         # (a baseline creatinine is drawn before the risk score)
         for model_id, run in sorted(self.result.models.items()):
-            if run.join.definition.relevant(of):
-                if fact.status != "entered-in-error":
+            relevant = run.join.definition.relevant(of)
+            if relevant or correction:  # a correction may make an earlier version stop counting: the join drops it
+                if relevant and fact.status != "entered-in-error":
                     _latest(run.measured, fact.subject, fact.time)
                 for case in run.join.add_fact(of):
                     self._on_case(run, case, watermark)
-                if fact.status in _CORRECTIONS or fact.version_id not in ("", "1"):
+                if correction:
                     self._recheck(run, fact.subject, watermark)  # it may undo labels it decided
 
     def _recheck(self, run: ModelRun, subject: str, watermark: datetime) -> None:
