@@ -47,6 +47,10 @@ class LabelJoin:
         """Whether a prediction is still waiting for its label."""
         return resource_id in self._pending
 
+    def waiting(self, subject: str) -> bool:
+        """Whether any prediction of this subject still waits for its label."""
+        return bool(self._by_subject.get(subject))
+
     def add_prediction(self, pred: Prediction) -> Case | None:
         """Register a prediction (a newer version replaces a pending one); label it at once if facts decide it."""
         self._wait(pred)

@@ -1,4 +1,4 @@
-"""Corrected outcomes relabel cases: a positive whose only outcome is retracted before its window closes waits in the
+"""Corrected outcomes relabel cases: a positive whose only outcome is retracted before its window (and grace) closes waits in the
 join again (to be labeled at its window's close), its ``fnr`` observation is withdrawn from the stream's daily point,
 the correction is counted, and the stored case is unlabeled."""
 
@@ -67,3 +67,27 @@ def test_a_retracted_outcome_relabels_its_positive_case_and_corrects_the_stream(
     # everything else is labeled as before
     assert {r: c.label for r, c in corrected.models[MODEL].cases.items()} == {
         r: c.label for r, c in run.cases.items() if r != rid}
+
+
+def test_a_correction_after_the_window_and_grace_closed_is_counted_not_applied(feed, tmp_path):
+    """Labels freeze when the grace period (the time allowed for corrections) ends: a later retraction is counted for
+    the data-quality record; the case keeps its label and the streams are not touched."""
+    original = Pipeline(load_settings()).run_paths([feed])
+    run = original.models[MODEL]
+    outcomes = {r["id"]: r for kind in ("Condition", "Procedure") for r in _resources(feed, kind)}
+    per_subject = Counter(c.prediction.subject for c in run.cases.values())
+    case = next(c for _, c in sorted(run.cases.items()) if c.label is Label.POSITIVE and len(c.evidence) == 1
+                and c.evidence[0] in outcomes and per_subject[c.prediction.subject] == 1
+                and c.prediction.time > datetime(2026, 4, 1, tzinfo=UTC))
+    closes = case.prediction.time + run.config.label_window + run.config.label_grace
+    late = _retraction(outcomes[case.evidence[0]])
+    late["meta"]["lastUpdated"] = (closes + timedelta(hours=6)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    (tmp_path / "Late.000.ndjson").write_bytes(orjson.dumps(late) + b"\n")
+
+    corrected = Pipeline(load_settings()).run_paths([feed, tmp_path / "Late.000.ndjson"])
+    assert corrected.corrections["outcome corrected after its labels froze (not applied)"] == 1
+    assert corrected.corrections["relabeled: outcome amended or retracted"] == 0
+    after = corrected.models[MODEL].cases  # also the windows the late arrival's watermark closed
+    assert {r: after[r].label for r in run.cases} == {r: c.label for r, c in run.cases.items()}
+    day = case.prediction.time.replace(hour=0, minute=0, second=0, microsecond=0)
+    assert _fnr_total(corrected, day) == _fnr_total(original, day)

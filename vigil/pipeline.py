@@ -334,12 +334,18 @@ class Pipeline:
                     self._recheck(run, fact.subject, watermark)  # it may undo labels it decided
 
     def _recheck(self, run: ModelRun, subject: str, watermark: datetime) -> None:
-        """Relabel the subject's labeled cases whose window has not closed, from the facts as they are now.
+        """Relabel the subject's labeled cases whose window and grace have not closed, from the facts as they are now.
 
         A positive whose outcome was retracted (or amended below the threshold) goes back to waiting, or becomes
         negative at its window's close; its ``fnr`` observation is withdrawn from the streams (``correct``) and the
         stored case is updated. Mixed metrics are counted only at close, so they never need correcting.
         """
+        if subject not in run.unreleased and not run.join.waiting(subject) \
+                and run.config.id in self._subject_models.get(subject, ()):
+            # labels freeze when window and grace have closed (the grace is the time allowed for corrections): a
+            # later correction is counted for the data-quality record, not applied — a detector cannot be rewound
+            self.result.corrections["outcome corrected after its labels froze (not applied)"] += 1
+            return
         for rid in sorted(run.unreleased.get(subject, ())):
             case = run.cases[rid]
             changed, new = run.join.recheck(case)
@@ -422,6 +428,7 @@ class Pipeline:
         for run in self.result.models.values():
             for case in run.join.advance(watermark):
                 self._on_case(run, case, watermark)
+            self._release(run, watermark)  # labels whose window and grace closed before this event are final
             if new_day:  # bounded state: facts too old to label anything still to come
                 run.join.prune_facts(watermark - _fact_horizon(run.config))
             for monitor in run.monitors.values():
