@@ -1,6 +1,6 @@
-"""Corrected outcomes relabel cases: a positive whose only outcome is retracted before its window (and grace) closes waits in the
-join again (to be labeled at its window's close), its ``fnr`` observation is withdrawn from the stream's daily point,
-the correction is counted, and the stored case is unlabeled."""
+"""Corrected outcomes relabel cases: a positive whose only outcome is retracted before its window and grace close waits
+in the join again (to be labeled at its window's close), its ``fnr`` observation is withdrawn from the stream's daily
+point, the correction is counted, and the stored case is unlabeled. After the grace, labels are frozen."""
 
 from __future__ import annotations
 
