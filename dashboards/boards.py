@@ -248,6 +248,24 @@ def feed_health() -> Dashboard:
             description="Share of outcome facts whose local code has no mapping: a data-quality cause, not a model "
                         "problem."))
         .with_panel(timeseries_panel(
+            "Unmapped outcome codes by site and code system",
+            f"SELECT period_start AS time, site || ' · ' || substr(subgroup, 13) AS metric, value FROM metric_points "
+            f"WHERE {_VERSION} AND metric = 'unmapped_rate' AND subgroup LIKE 'code_system=%' AND site <> 'all' "
+            f"AND $__timeFilter(period_start) ORDER BY 1",
+            unit="percentunit",
+            description="The same share per code system the site sends (LOINC, SNOMED CT, its local systems): which "
+                        "system broke. A system first seen after the baseline has no chart (insufficient data) — "
+                        "see the stream table of the Control charts dashboard."))
+        .with_panel(timeseries_panel(
+            "Predictions without follow-up by site",
+            f"SELECT period_start AS time, site AS metric, value FROM metric_points "
+            f"WHERE {_VERSION} AND metric = 'no_followup_rate' AND subgroup = 'all' AND $__timeFilter(period_start) "
+            f"ORDER BY 1",
+            unit="percentunit",
+            description="Share of predictions whose label window closed with no follow-up in the feed (no "
+                        "measurement the outcome could use, or no fact about the patient at all): a site whose "
+                        "outcome feed stopped shows here, not as better specificity."))
+        .with_panel(timeseries_panel(
             "Predictions per day by site",
             f"SELECT $__timeGroupAlias(predicted_at,'1d'), coalesce(site, 'unknown') AS metric, count(*) AS value "
             f"FROM cases WHERE {_VERSION} AND $__timeFilter(predicted_at) GROUP BY 1, 2 ORDER BY 1",

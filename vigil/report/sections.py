@@ -18,7 +18,8 @@ from vigil.store import ALERT_STATES, SEVERITIES
 
 #: Alerted streams drawn as full control charts per device; the rest of the alerted streams are in the alerts table.
 MAX_STREAM_CHARTS = 40
-GRID_METRICS = ("error_rate", "fnr", "fpr", "outcome_rate", "score_mean", "unmapped_rate")
+GRID_METRICS = ("error_rate", "fnr", "fpr", "outcome_rate", "score_mean", "calibration_oe", "unmapped_rate",
+                "no_followup_rate")
 
 
 class Figures:
