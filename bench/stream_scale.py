@@ -13,17 +13,23 @@ heap, and RSS is that of the structure alone):
 2. ``detectors`` — the bare detector objects (``BernoulliCusum``, ``__slots__``) in a dict keyed by ``StreamKey``:
    the per-stream state floor, one update per event.
 
+``--gc paused`` times the events with Python's cycle collector paused, as the pipeline runs a batch
+(``ingest.load.cyclic_gc_paused`` in ``Pipeline.run_paths``): the collector's full scans grow with the heap, i.e. with
+the number of streams and day points, so this separates that cost from the per-event work. The default ``on`` is
+the measurement BENCHMARKS.md §2 reports.
+
 Per-event cost = wall time / events of the timed phase (median of ``--repeats``); memory = peak RSS
 (``resource.getrusage``, ru_maxrss) and current RSS (/proc/self/status VmRSS) after the timed phase, minus the RSS
 of the same child process before building anything. ``StreamMonitor`` also keeps one ``DayPoint`` per stream per
 day with an observation (for the dashboards), so its memory grows with days × active streams; ``--days`` sets it.
 
-    python -m bench.stream_scale [--quick] [--sizes 100 1000 10000 100000] [--json FILE]
+    python -m bench.stream_scale [--quick] [--sizes 100 1000 10000 100000] [--gc on|paused] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import multiprocessing as mp
@@ -50,7 +56,16 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
 
 
-def _monitor(n_streams: int, events: int, days: int, baseline_per_stream: int, repeats: int, seed: int) -> dict:
+def _timed_phase(gc_mode: str) -> contextlib.AbstractContextManager:
+    if gc_mode == "paused":
+        from ingest.load import cyclic_gc_paused
+
+        return cyclic_gc_paused()
+    return contextlib.nullcontext()
+
+
+def _monitor(n_streams: int, events: int, days: int, baseline_per_stream: int, repeats: int, seed: int,
+             gc_mode: str = "on") -> dict:
     from monitors.streams import StreamMonitor
     from vigil.domain import ALL
     from vigil.settings import ModelConfig, MonitorConfig, OutcomeConfig, SubgroupConfig
@@ -88,10 +103,11 @@ def _monitor(n_streams: int, events: int, days: int, baseline_per_stream: int, r
             when = first + timedelta(days=r * days + (c * days) // chunks)
             plan = [(sites[w], y) for w, y in zip(rng.integers(0, len(sites), _CHUNK).tolist(),
                                                   (rng.random(_CHUNK) < 0.05).astype(float).tolist(), strict=True)]
-            t0 = time.perf_counter()
-            for site, x in plan:
-                alarms += len(monitor.observe("unmapped_rate", site, cells, x, when, when))
-            elapsed += time.perf_counter() - t0
+            with _timed_phase(gc_mode):
+                t0 = time.perf_counter()
+                for site, x in plan:
+                    alarms += len(monitor.observe("unmapped_rate", site, cells, x, when, when))
+                elapsed += time.perf_counter() - t0
         times.append(elapsed)
     events = chunks * _CHUNK
     points = sum(len(s.points) for s in monitor.streams.values())
@@ -99,6 +115,7 @@ def _monitor(n_streams: int, events: int, days: int, baseline_per_stream: int, r
             "per_event_us": statistics.median(times) / events * 1e6, "alarms": alarms,
             "baseline_events": len(ys), "baseline_us_per_event": baseline_seconds / len(ys) * 1e6,
             "calibrate_seconds": calibrate_seconds, "day_points": points,
+            "day_points_per_event": points / (events * repeats), "gc": gc_mode,
             "rss_bytes": _rss_now() - rss0, "peak_rss_bytes": _peak_rss() - rss0,
             "bytes_per_stream": (_rss_now() - rss0) / n_streams}
 
@@ -155,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--days", type=int, default=7, help="days the timed events span (DayPoints per stream)")
     parser.add_argument("--baseline-per-stream", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gc", choices=("on", "paused"), default="on",
+                        help="cycle collector during the timed monitor events (paused: as Pipeline.run_paths)")
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
     if args.quick:
@@ -164,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         for kind in ("detectors", "monitor"):
             kwargs = {"n_streams": n, "events": args.events, "repeats": args.repeats, "seed": 1}
             if kind == "monitor":
-                kwargs |= {"days": args.days, "baseline_per_stream": args.baseline_per_stream}
+                kwargs |= {"days": args.days, "baseline_per_stream": args.baseline_per_stream, "gc_mode": args.gc}
             row = measure(kind, **kwargs)
             rows.append(row)
             print(f"{kind:9s} {row['streams']:>7,} streams: {row['per_event_us']:6.2f} µs/event, "
@@ -175,12 +194,13 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         notes = ""
         if r["kind"] == "monitor":
-            notes = (f"{r['active']:,} active; {r['day_points']:,} DayPoints; baseline {r['baseline_us_per_event']:.1f} "
+            notes = (f"{r['active']:,} active; {r['day_points']:,} DayPoints "
+                     f"({r['day_points_per_event']:.2f} new per event); gc {r['gc']}; baseline {r['baseline_us_per_event']:.1f} "
                      f"µs/event; calibration {r['calibrate_seconds']:.1f} s; {r['alarms']} alarms")
         print(f"| {r['kind']} | {r['streams']:,} | {r['per_event_us']:.2f} | {r['rss_bytes'] / 2**20:.1f} | "
               f"{r['peak_rss_bytes'] / 2**20:.1f} | {r['bytes_per_stream']:.0f} | {notes} |")
     print(f"\n{platform.python_implementation()} {platform.python_version()}; events={args.events}, "
-          f"repeats={args.repeats}, days={args.days}")
+          f"repeats={args.repeats}, days={args.days}, gc={args.gc}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "args": vars(args)}, f, indent=2)

@@ -34,7 +34,8 @@ Methods
     then secant steps; up to 10 for ARL0 < 1e4 where ln ARL bends), ≤ 8 ms and < 5 MB over that range. The banded
     fallback refuses bands over 64 MB (out-of-control ARLs of designs with p0 ≲ 0.001).
   * Risk-adjusted: the grid width makes the rounding add ≤ 0.1 % to the variance of one step; measured error
-    against a 30× finer grid ≈ 0.4 % (Parsonnet-like mix, R_A = 2 and 0.5), a few ms per solve.
+    against a 30× finer grid ≈ 0.4 % (Parsonnet-like mix, R_A = 2 and 0.5), a few ms per solve. In control the
+    true odds are R_0 × the predicted odds (the chart's null hypothesis); the mix may be given as a histogram.
   For the risk-adjusted chain the grid does not depend on h, so ARL(h) is a step function of h; thresholds are the
   smallest grid h that reaches the target ARL0, returned at the middle of the grid cell.
 
@@ -534,16 +535,29 @@ def bernoulli_threshold(p0: float, p1: float, arl0: float) -> float:
 # --- Risk-adjusted CUSUM -----------------------------------------------------------------------
 
 
-def _risk_mix(risks: Sequence[float]) -> tuple[bytes, bytes]:
-    """The risk mix as a hashable histogram: distinct risks rounded to 1e-6, with their counts."""
+def _risk_mix(risks: Sequence[float], counts: Sequence[float] | None = None) -> tuple[bytes, bytes]:
+    """The risk mix as a hashable histogram: distinct risks rounded to 1e-6, with their counts.
+
+    ``counts`` (optional, one per risk) gives the mix as a histogram — how many patients had each risk — so a
+    stream can keep a bounded summary of its baseline instead of every risk (``monitors.streams.RiskMix``)."""
     r = np.asarray(risks, dtype=float)
     if r.ndim != 1 or r.size == 0:
         raise ValueError("the risk mix must be a non-empty list of predicted risks")
     bad = np.flatnonzero(~((r > 0.0) & (r < 1.0)))
     if bad.size:
         raise ValueError(f"predicted risks must lie in (0, 1); entry {bad[0] + 1} is {r[bad[0]]}")
-    values, counts = np.unique(np.round(r, 6), return_counts=True)
-    return values.tobytes(), counts.astype(float).tobytes()
+    if counts is None:
+        values, n = np.unique(np.round(r, 6), return_counts=True)
+        return values.tobytes(), n.astype(float).tobytes()
+    c = np.asarray(counts, dtype=float)
+    if c.shape != r.shape:
+        raise ValueError(f"the risk mix has {r.size} risks but {c.size} counts; give one count per risk")
+    bad = np.flatnonzero(~(np.isfinite(c) & (c >= 0.0)))
+    if bad.size or c.sum() <= 0.0:
+        where = f"entry {bad[0] + 1} is {c[bad[0]]}" if bad.size else "they sum to 0"
+        raise ValueError(f"risk-mix counts must be finite, ≥ 0 and not all 0; {where}")
+    values, inverse = np.unique(np.round(r, 6), return_inverse=True)
+    return values.tobytes(), np.bincount(inverse, weights=c, minlength=values.size).tobytes()
 
 
 def _ra_steps(values: np.ndarray, ra: float, r0: float) -> tuple[np.ndarray, np.ndarray]:
@@ -552,14 +566,21 @@ def _ra_steps(values: np.ndarray, ra: float, r0: float) -> tuple[np.ndarray, np.
     return base + math.log(ra / r0), base
 
 
+def _odds_scaled(values: np.ndarray, odds_ratio: float) -> np.ndarray:
+    """Risks whose odds are ``odds_ratio`` × the odds of ``values``."""
+    return odds_ratio * values / (1.0 - values + odds_ratio * values)
+
+
 @lru_cache(maxsize=256)
 def _ra_grid(values_b: bytes, counts_b: bytes, ra: float, r0: float) -> float:
-    """Grid width whose rounding adds ≤ 0.1 % to the in-control variance of one weight (Δ²/4 per step)."""
+    """Grid width whose rounding adds ≤ 0.1 % to the in-control variance of one weight (Δ²/4 per step); in
+    control the true odds are R_0 × the predicted odds."""
     values, counts = np.frombuffer(values_b), np.frombuffer(counts_b)
     w1, w0 = _ra_steps(values, ra, r0)
     prob = counts / counts.sum()
     steps = np.concatenate((w1, w0))
-    probs = np.concatenate((prob * values, prob * (1.0 - values)))
+    p_in = _odds_scaled(values, r0)
+    probs = np.concatenate((prob * p_in, prob * (1.0 - p_in)))
     variance = float(probs @ steps**2 - (probs @ steps) ** 2)
     return math.sqrt(4.0 * _RA_ROUNDING_VARIANCE * variance)
 
@@ -568,7 +589,7 @@ def _ra_grid(values_b: bytes, counts_b: bytes, ra: float, r0: float) -> float:
 def _ra_chain(values_b: bytes, counts_b: bytes, ra: float, r0: float, odds_ratio: float, m: int) -> float:
     values, counts = np.frombuffer(values_b), np.frombuffer(counts_b)
     w1, w0 = _ra_steps(values, ra, r0)
-    true_p = odds_ratio * values / (1.0 - values + odds_ratio * values)
+    true_p = _odds_scaled(values, odds_ratio)
     prob = counts / counts.sum()
     steps = np.concatenate((w1, w0))
     probs = np.concatenate((prob * true_p, prob * (1.0 - true_p)))
@@ -580,27 +601,34 @@ def _ra_check(ra: float, r0: float) -> None:
         raise ValueError(f"risk-adjusted CUSUM needs odds ratios R_A ≠ R_0, both > 0; got R_A={ra}, R_0={r0}")
 
 
-def racusum_arl(risks: Sequence[float], ra: float, h: float, odds_ratio: float = 1.0, r0: float = 1.0) -> float:
+def racusum_arl(risks: Sequence[float], ra: float, h: float, odds_ratio: float | None = None, r0: float = 1.0,
+                counts: Sequence[float] | None = None) -> float:
     """Zero-state ARL of the risk-adjusted CUSUM (Steiner et al. 2000) when patients are drawn from ``risks`` (the
-    model's predicted risks, e.g. a baseline period) and the true odds are ``odds_ratio`` × the predicted odds.
+    model's predicted risks, e.g. a baseline period; with ``counts``, a histogram of them) and the true odds are
+    ``odds_ratio`` × the predicted odds (default R_0, the chart's in-control hypothesis).
     Markov chain over the mix (each patient's two weights are atoms of the increment distribution)."""
     _ra_check(ra, r0)
+    odds_ratio = r0 if odds_ratio is None else odds_ratio
     if odds_ratio <= 0:
         raise ValueError(f"the true odds ratio must be > 0, got {odds_ratio}")
-    values_b, counts_b = _risk_mix(risks)
+    values_b, counts_b = _risk_mix(risks, counts)
     ra, r0 = _r(ra), _r(r0)
     m = _grid_states(h, _ra_grid(values_b, counts_b, ra, r0))
     return _ra_chain(values_b, counts_b, ra, r0, _r(odds_ratio), m)
 
 
-def racusum_threshold(risks: Sequence[float], ra: float, arl0: float, r0: float = 1.0) -> float:
-    """The smallest h (middle of its grid cell) whose in-control ARL over the risk mix is ≥ ``arl0``."""
+def racusum_threshold(risks: Sequence[float], ra: float, arl0: float, r0: float = 1.0,
+                      counts: Sequence[float] | None = None) -> float:
+    """The smallest h (middle of its grid cell) whose in-control ARL over the risk mix is ≥ ``arl0``.
+
+    In control the true odds are R_0 × the predicted odds (Steiner et al. 2000 test R_A against R_0; with R_0 = 1,
+    the default, the model is calibrated). ``counts``: the mix as a histogram, one count per risk."""
     _check_arl0(arl0)
     _ra_check(ra, r0)
-    values_b, counts_b = _risk_mix(risks)
+    values_b, counts_b = _risk_mix(risks, counts)
     ra, r0 = _r(ra), _r(r0)
     delta = _ra_grid(values_b, counts_b, ra, r0)
-    m = _smallest_states(lambda m: _ra_chain(values_b, counts_b, ra, r0, 1.0, m), arl0, int(math.log(arl0) / delta))
+    m = _smallest_states(lambda m: _ra_chain(values_b, counts_b, ra, r0, r0, m), arl0, int(math.log(arl0) / delta))
     return (m + 0.5) * delta
 
 

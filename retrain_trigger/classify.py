@@ -37,7 +37,7 @@ from retrain_trigger.pccp import (
 from retrain_trigger.triage import DATA_QUALITY_METRICS, CauseHypothesis, is_data_quality, is_score
 from vigil.domain import ALL, CLAIM_OF, Alert, PccpCategory
 
-LOWER_IS_BETTER = frozenset({"error_rate"} | DATA_QUALITY_METRICS)
+LOWER_IS_BETTER = frozenset({"error_rate", "calibration_oe"} | DATA_QUALITY_METRICS)
 
 IFU_BREAKING = frozenset({"intended_use_change", "new_output_or_claim", "population_outside_IFU"})
 MODEL_CHANGING = frozenset(

@@ -23,6 +23,7 @@ DATA_QUALITY_METRICS = frozenset({"unmapped_rate", "no_followup_rate", "missing_
                                   "schema_mismatch_rate"})
 SCORE_METRICS = frozenset({"score_mean"})
 PREVALENCE_METRICS = frozenset({"outcome_rate"})
+CALIBRATION_METRICS = frozenset({"calibration_oe"})  # more events than the scores predict: recalibration's target
 
 DATA_QUALITY_WINDOW = timedelta(days=30)
 ACQUISITION_BEFORE = timedelta(days=30)
@@ -86,8 +87,12 @@ def is_prevalence(alert: Alert) -> bool:
     return alert.signal.stream.metric in PREVALENCE_METRICS
 
 
+def is_calibration(alert: Alert) -> bool:
+    return alert.signal.stream.metric in CALIBRATION_METRICS
+
+
 def is_performance(alert: Alert) -> bool:
-    return not (is_data_quality(alert) or is_score(alert) or is_prevalence(alert))
+    return not (is_data_quality(alert) or is_score(alert) or is_prevalence(alert) or is_calibration(alert))
 
 
 def _sort_key(alert: Alert) -> tuple:
@@ -282,6 +287,9 @@ def _population_shift(pool: _Pool, ctx: TriageContext) -> list[tuple[CauseHypoth
         ev.add(0.2, "the score distribution moved (score_mean): a covariate/prior shift, which recalibration addresses")
     if any(is_prevalence(a) for a in members):
         ev.add(0.2, "the outcome rate moved (outcome_rate): a prior (prevalence) shift, which recalibration addresses")
+    if any(is_calibration(a) for a in members):
+        ev.add(0.2, "more events than the scores predict (calibration_oe, risk-adjusted CUSUM): calibration drift, "
+                    "which recalibration addresses")
     scope = ctx.sites if at_all or not sites else sites
     return [
         (

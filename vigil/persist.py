@@ -14,7 +14,7 @@ from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from alerts.lifecycle import identity
-from monitors.streams import Stream, interval
+from monitors.streams import RISK_METRICS, Stream, interval, oe_interval
 from alerts.routing import RoutingConfig
 from vigil import __version__, audit, notify, ticket_actions
 from vigil.alert_actions import OPEN_STATES
@@ -187,8 +187,11 @@ def _point_rows(s: Stream, since: datetime, mark: bool) -> list[dict]:
     for day, p in sorted(s.points.items()):
         if day < since:
             continue
-        lo, hi = interval(s.key.metric, p.total, p.total_sq, p.n)
-        rows.append({**_key(s), "period_start": day, "n": p.n, "value": p.total / p.n, "ci_low": lo, "ci_high": hi,
+        if s.key.metric in RISK_METRICS:  # observed / expected events, with its exact Poisson interval
+            value, (lo, hi) = p.total / p.expected, oe_interval(p.total, p.expected)
+        else:
+            value, (lo, hi) = p.total / p.n, interval(s.key.metric, p.total, p.total_sq, p.n)
+        rows.append({**_key(s), "period_start": day, "n": p.n, "value": value, "ci_low": lo, "ci_high": hi,
                      "statistic": p.statistic, "threshold": p.threshold})
         p.stored = p.stored or mark
     return rows

@@ -408,6 +408,8 @@ class Pipeline:
             self._signals(observe("error_rate", pred.site, cells_, float(case.decision != positive), pred.time,
                                   watermark))
             self._signals(observe("outcome_rate", pred.site, cells_, float(positive), pred.time, watermark))
+            self._signals(observe("calibration_oe", pred.site, cells_, float(positive), pred.time, watermark,
+                                  risk=pred.score))
             self._signals(observe("no_followup_rate", pred.site, cells_, float(not run.followed_up(pred, self._followed_up)),
                                   pred.time, watermark))
             if not positive:

@@ -79,8 +79,8 @@ class BudgetConfig(BaseModel):
 
 class MonitorConfig(BaseModel):
     baseline_days: float = Field(60, description="first days of each stream estimate the in-control baseline")
-    metrics: list[str] = ["error_rate", "fnr", "fpr", "outcome_rate", "score_mean", "unmapped_rate",
-                          "no_followup_rate"]
+    metrics: list[str] = ["error_rate", "fnr", "fpr", "outcome_rate", "score_mean", "calibration_oe",
+                          "unmapped_rate", "no_followup_rate"]
     budget: BudgetConfig = BudgetConfig()
     odds_ratio: float = Field(2.0, description="Bernoulli CUSUM design: detect the odds of an error multiplied by this")
     ewma_lambda: float = 0.1
