@@ -17,7 +17,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
 from ingest.deid import (KEYED_TYPES, PERSON_TYPES, SubjectKeyer, find_identifiers, oldest_safe_birth_year, redact,
-                        safe_birth_year)
+                        safe_birth_year, without_keyed_id)
 from ingest.reader import NOT_FHIR
 from vigil.domain import (
     Coding,
@@ -443,7 +443,8 @@ def _outcome_letter(outcome: dict, position: Position) -> DeadLetter:
                        if isinstance(c, dict)]
             issues.append({"severity": issue.get("severity"), "code": issue.get("code"),
                            **({"details": {"coding": codings}} if codings else {}),
-                           **({"expression": issue["expression"]} if issue.get("expression") else {})})
+                           **({"expression": [without_keyed_id(str(e)) for e in issue["expression"]]}
+                              if isinstance(issue.get("expression"), list) else {})})
     rid = outcome.get("id") if isinstance(outcome.get("id"), str) else None
     payload = orjson.dumps({"resourceType": "OperationOutcome", "issue": issues}).decode()
     if (failed := _fetch_failure(issues)) is not None:
@@ -460,8 +461,9 @@ def _fetch_failure(issues: list[dict]) -> tuple[str, str | None, str | None] | N
     for issue in issues:
         for coding in (issue.get("details") or _EMPTY).get("coding") or ():
             if coding.get("system") == FETCH_FAILURE_SYSTEM:
-                where = next(iter(issue.get("expression") or ()), "(unknown reference)")
-                rtype, _, rid = str(where).partition("/")
+                # a feed could send this outcome too: a person's id in it is never kept
+                where = without_keyed_id(str(next(iter(issue.get("expression") or ()), "(unknown reference)")))
+                rtype, _, rid = where.partition("/")
                 reason = (f"{where}: not fetched for an id-only subscription notification ({issue['code']}, "
                           f"{coding.get('code')}); the notification was acknowledged and the stream went on "
                           "without it — fix the cause on the FHIR server, then have it resend the resource or "

@@ -28,12 +28,14 @@ FULL_BIRTH_DATE = "birthDate (full date)"
 
 
 KEYED_PREFIX = "vigil-key."
+"""Starts the id of a Patient or Encounter that vigil already keyed, in the payloads it stores (dead letters):
+``vigil-key.<key>.<tag>``, where ``tag`` is an HMAC of the type and key under the same secret, so only a holder of
+the subject key can produce one."""
+FREE_TEXT_ELEMENTS = frozenset({"note", "comment", "patientInstruction"})
+"""Annotation and comment elements: clinicians' free text, which may name anyone — never kept in a stored copy."""
 KEYED_TYPES = ("Patient", "Encounter")
 """Resource types whose ids are keyed wherever they appear: the patient, and the visit (a visit or account number
 identifies a person too — Safe Harbor's "any other unique identifying number")."""
-"""Starts the id of a Patient that vigil already keyed, in the payloads it stores (dead letters):
-``vigil-key.<key>.<tag>``, where ``tag`` is an HMAC of the key under the same secret, so only a holder of the
-subject key can produce one."""
 
 
 class SubjectKeyer:
@@ -155,6 +157,13 @@ def safe_birth_year(birth_date: str, oldest_year: int) -> int:
     return max(int(birth_date[:4]), oldest_year)
 
 
+def without_keyed_id(where: str) -> str:
+    """``Type/id`` with the id dropped when the type's ids identify a person (``KEYED_TYPES``) — for text a feed
+    supplied, where no keyer applies."""
+    rtype, sep, _ = where.partition("/")
+    return f"{rtype}/(id not kept)" if sep and rtype in KEYED_TYPES else where
+
+
 def keyed_reference(reference: str, keyer: SubjectKeyer) -> str:
     """``Patient/<id>`` or ``Encounter/<id>`` (possibly absolute or versioned) → ``<Type>/<marked key>``; other
     references unchanged.
@@ -176,7 +185,8 @@ def redact(resource: dict, keyer: SubjectKeyer, oldest_year: int | None = None) 
     """A copy safe to store in a dead letter: no direct identifiers, no narrative, Patient ids and references keyed
     (and marked as keyed, so decoding the copy again gives the same subject key).
 
-    Reference displays (often the patient's name), reference identifiers and inline attachment data are dropped too.
+    Reference displays (often the patient's name), reference identifiers, inline attachment data and free-text notes
+    and comments are dropped too; person ids in an OperationOutcome's ``expression`` are masked.
     """
     oldest_year = oldest_safe_birth_year() if oldest_year is None else oldest_year
     return _redact_value(resource, keyer, oldest_year)
@@ -198,7 +208,7 @@ def _redact_value(value: Any, keyer: SubjectKeyer, oldest_year: int) -> Any:
             continue
         if is_reference and key in ("display", "identifier"):
             continue
-        if key == "data" and "contentType" in value:
+        if key == "data" and "contentType" in value or key in FREE_TEXT_ELEMENTS:
             continue
         if key == "reference" and isinstance(item, str):
             out[key] = keyed_reference(item, keyer)
@@ -206,6 +216,8 @@ def _redact_value(value: Any, keyer: SubjectKeyer, oldest_year: int) -> Any:
             out[key] = keyer.marked(f"{value['resourceType']}/{item}")
         elif person and key == "birthDate" and isinstance(item, str) and item[:4].isdigit():
             out[key] = str(safe_birth_year(item, oldest_year))
+        elif key == "expression" and isinstance(item, list):  # OperationOutcome: "Type/id" paths
+            out[key] = [without_keyed_id(e) if isinstance(e, str) else e for e in item]
         elif key == "extension" and dropped:
             kept = [ext for ext in item if not any(ext is d for d in dropped)]
             if kept:

@@ -22,6 +22,7 @@ import httpx
 import orjson
 
 from ingest.decode import FETCH_FAILURE_SYSTEM
+from ingest.deid import without_keyed_id
 from ingest.rest_poll import FhirHttp, FhirHttpConfig, FhirHttpError
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def fetch_failure(where: str, code: str, detail: str) -> dict:
 
 
 def _safe(relative: str | None) -> str:
-    """``Type/id`` fit to store: a Patient's id is a direct identifier, so only its type is kept."""
+    """``Type/id`` fit to store: a Patient's or Encounter's id identifies a person, so only its type is kept."""
     if relative is None:
         return "(unreadable reference)"
-    return "Patient/(id not kept)" if relative.startswith("Patient/") else relative
+    return without_keyed_id(relative)

@@ -428,3 +428,24 @@ def test_a_prediction_of_a_model_not_configured_is_dead_lettered_with_its_payloa
     replayed = Decoder(KEYER, models=["aki-risk", "cta-stenosis"]).decode(orjson.loads(letter.payload), HERE)
     assert isinstance(replayed, Prediction) and replayed.subject == _key("p1") and replayed.score == 0.83
     assert isinstance(Decoder(KEYER).decode(risk_assessment(), HERE), Prediction)
+
+
+@pytest.mark.parametrize("where", ["Encounter/VISIT-12345678", "Patient/MRN-445566"])
+def test_a_fetch_failure_outcome_never_carries_a_person_id_into_the_dead_letter(where):
+    """The id-only fetch-failure OperationOutcome is also what a feed could send: a visit or patient id in its
+    expression is dropped from the reason and the resource id (the payload is redacted as always)."""
+    from ingest.decode import FETCH_FAILURE_SYSTEM
+    outcome = {"resourceType": "OperationOutcome", "id": "fetch-1", "issue": [{
+        "severity": "error", "code": "not-found", "expression": [where],
+        "details": {"coding": [{"system": FETCH_FAILURE_SYSTEM, "code": "http-404"}]}}]}
+    outcome["issue"][0]["diagnostics"] = "see the note"
+    outcome["note"] = [{"text": f"called about {secret_of(where)}"}]
+    letter = Decoder(SubjectKeyer("k")).decode(outcome, Position("feed", 1))
+    rtype, secret = where.split("/")
+    assert secret_of(where) == secret
+    assert letter.reason.startswith(f"{rtype}/(id not kept): not fetched")
+    assert secret not in letter.reason and secret not in (letter.payload or "") and letter.resource_id is None
+
+
+def secret_of(where: str) -> str:
+    return where.split("/", 1)[1]
