@@ -101,3 +101,9 @@ def fresh_postgres_url(postgres_cluster: PostgresCluster) -> Iterator[str]:
     name, url = postgres_cluster.create_database()
     yield url
     postgres_cluster.admin(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Demo-backed modules last: the demo their import starts in the background (tests/_shared_fixtures.py) then has
+    the rest of the suite's time to finish on the second core."""
+    items.sort(key=lambda item: item.path.name in ("test_e2e.py", "test_report.py"))

@@ -154,6 +154,9 @@ INSERT INTO metric_points (model, model_version, metric, site, subgroup, period_
  ('cta', '1.0', 'fnr', 'site-a', 'sex=female', '2025-02-02Z', 20, 0.40, 0.19, 0.64, 2.0, 4.1),
  ('cta', '1.0', 'fnr', 'all', 'all', '2025-02-02Z', 90, 0.22, 0.14, 0.32, 0.8, 4.1),
  ('cta', '1.0', 'unmapped_rate', 'site-a', 'all', '2025-02-02Z', 50, 0.10, 0.04, 0.21, 0.0, 4.1),
+ ('cta', '1.0', 'unmapped_rate', 'site-a', 'code_system=https://riverside.example.org/fhir/CodeSystem/dx',
+  '2025-02-02Z', 30, 0.17, 0.07, 0.33, 0.0, 4.1),
+ ('cta', '1.0', 'no_followup_rate', 'site-a', 'all', '2025-02-02Z', 40, 0.05, 0.01, 0.17, 0.0, 4.1),
  ('cta', '1.0', 'auroc', 'site-a', 'all', '2025-01-01Z', 120, 0.86, 0.79, 0.93, NULL, NULL),
  ('cta', '1.0', 'auroc', 'all', 'all', '2025-01-01Z', 300, 0.88, 0.84, 0.92, NULL, NULL),
  ('cta', '1.0', 'oe_ratio', 'site-a', 'all', '2025-01-01Z', 120, 1.10, 0.85, 1.40, NULL, NULL),
@@ -343,18 +346,17 @@ RUN_SPAN = (datetime(2026, 1, 1, tzinfo=timezone.utc), datetime(2026, 12, 31, tz
 
 @pytest.fixture(scope="module")
 def run_db(postgres_cluster, tmp_path_factory) -> Iterator[psycopg.Connection]:
-    """A PostgreSQL store holding one real run: a scanner upgrade at site-b simulated, ingested, monitored, stored."""
-    from vigil.persist import persist
-    from vigil.pipeline import Pipeline
-    from vigil.settings import load_settings
-    from vigil.simulator import simulate
+    """A PostgreSQL store holding one real run: a scanner upgrade at site-b simulated, ingested, monitored, stored.
+    The simulation and pipeline run are computed once per session and shared with test_persist.py."""
+    from _shared_fixtures import scanner_upgrade_run
 
-    feed = tmp_path_factory.mktemp("feed")
-    simulate("scanner-upgrade", feed, seed=11, days=150, change_day=60, volume=0.7)
+    from vigil.persist import persist
+
+    settings, result, feed = scanner_upgrade_run(tmp_path_factory)
     postgres_cluster.admin("CREATE DATABASE vigil_dashboards_run")
     url = postgres_cluster.url("vigil_dashboards_run")
-    settings = load_settings(store_url=url)
-    persist(Pipeline(settings).run_paths([feed]), settings, [str(feed)], datetime.now(timezone.utc))
+    settings = settings.model_copy(update={"store_url": url})
+    persist(result, settings, [str(feed)], datetime.now(timezone.utc))
     with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as conn:
         yield conn
     postgres_cluster.admin("DROP DATABASE vigil_dashboards_run WITH (FORCE)")

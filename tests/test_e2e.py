@@ -6,19 +6,19 @@ import sqlite3
 from datetime import datetime
 
 import pytest
+from _shared_fixtures import copy_store, demo_run, start_demo_in_background
 from typer.testing import CliRunner
 
 from vigil.cli import app
-from vigil.demo import run_demo
 
 runner = CliRunner()
+start_demo_in_background()  # the demo runs on the other core while the modules collected before this one are tested
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    summary = run_demo(out, seed=7)
-    return out, summary
+    """``run_demo(out, seed=7)``: computed once per session and shared with test_report.py, so read-only here."""
+    return demo_run(tmp_path_factory)
 
 
 def _evaluation(summary, scenario):
@@ -101,9 +101,9 @@ def test_subgroup_decay_is_found_in_the_80_plus_band(demo):
     assert any("age_band=80+" in a["subgroup"] for a in _alerts(summary, "subgroup-decay"))
 
 
-def test_safety_officer_can_acknowledge_and_resolve_and_the_audit_chain_verifies(demo):
+def test_safety_officer_can_acknowledge_and_resolve_and_the_audit_chain_verifies(demo, tmp_path):
     out, _ = demo
-    store = f"sqlite:///{out / 'stores' / 'scanner-upgrade.db'}"
+    store = copy_store(out / "stores" / "scanner-upgrade.db", tmp_path)  # the demo's own store stays as written
     listed = json.loads(runner.invoke(app, ["alerts", "list", "--store", store, "--json"]).stdout)
     alert_id = listed[0]["id"]
     assert runner.invoke(app, ["alerts", "ack", alert_id, "--by", "dr.safety", "--comment", "looking",
@@ -118,7 +118,7 @@ def test_safety_officer_can_acknowledge_and_resolve_and_the_audit_chain_verifies
     verified = runner.invoke(app, ["audit", "verify", "--store", store, "--json"])
     assert verified.exit_code == 0 and json.loads(verified.stdout)["ok"] is True
     # an edit behind vigil's back is caught and pinpointed
-    with sqlite3.connect(out / "stores" / "scanner-upgrade.db") as db:
+    with sqlite3.connect(tmp_path / "scanner-upgrade.db") as db:
         db.execute("update audit_log set payload = '{\"comment\": \"nothing to see\"}' where action = 'alert.acknowledged'")
     broken = runner.invoke(app, ["audit", "verify", "--store", store, "--json"])
     assert broken.exit_code == 1 and json.loads(broken.stdout)["first_bad_seq"] is not None

@@ -6,6 +6,8 @@ offset commits — against it. Its one quirk: it answers LeaveGroup v3 with a sh
 so a closing consumer would linger in the group for a session timeout; the tests pin ``api_version="2.3"``
 (LeaveGroup v2), which the mock answers correctly. Everything else is real: the FHIR feed is the simulator's, decoded by
 the real ``ingest`` Decoder, and results plus offsets are written in one transaction to a migrated SQLite store.
+Tests whose consumers join one after another use ``quick_mock_cluster`` (no 3 s initial rebalance delay, which only
+gathers members that start together); the group of three, whose members do start together, keeps the broker default.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 
 import pytest
 from kafka.coordinator.assignors.range import RangePartitionAssignor
-from kafka_mock import MockCluster, mock_cluster  # noqa: F401  (mock_cluster is a fixture)
+from kafka_mock import MockCluster, mock_cluster, quick_mock_cluster  # noqa: F401  (fixtures)
 from pydantic import ValidationError
 from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select
 
@@ -47,11 +49,13 @@ class PatientRangeAssignor(RangePartitionAssignor):
 
     librdkafka's mock completes a SyncGroup round as soon as the leader's assignment arrives and then answers the
     followers' SyncGroup with INVALID_REQUEST (a real broker hands them their assignment); waiting lets the followers'
-    SyncGroup reach the mock first. Same protocol name, so it mixes with plain range members."""
+    SyncGroup reach the mock first. A group of one has no followers, so nothing waits. Same protocol name, so it mixes
+    with plain range members."""
 
     @classmethod
     def assign(cls, cluster, group_subscriptions):
-        time.sleep(0.5)
+        if len(group_subscriptions) > 1:
+            time.sleep(0.5)
         return super().assign(cluster, group_subscriptions)
 
 
@@ -170,10 +174,10 @@ def stored_offsets(factory) -> dict[tuple[str, int], int]:
 # --- (a) messages and positions ---------------------------------------------------------------------------------
 
 
-def test_records_become_messages_with_topic_partition_offset_in_order(mock_cluster, store, feed):
+def test_records_become_messages_with_topic_partition_offset_in_order(quick_mock_cluster, store, feed):
     lines, _ = feed
-    ends = produce_feed(mock_cluster, lines[:40])
-    src = source(mock_cluster, store, "g-a")
+    ends = produce_feed(quick_mock_cluster, lines[:40])
+    src = source(quick_mock_cluster, store, "g-a")
     got = []
     try:
         while not src.exhausted:
@@ -195,11 +199,11 @@ def test_records_become_messages_with_topic_partition_offset_in_order(mock_clust
 # --- (b) a consumer killed mid-batch, restarted -------------------------------------------------------------------
 
 
-def test_consumer_killed_mid_batch_and_restarted_counts_every_resource_exactly_once(mock_cluster, store, feed):
+def test_consumer_killed_mid_batch_and_restarted_counts_every_resource_exactly_once(quick_mock_cluster, store, feed):
     lines, accepted = feed
-    ends = produce_feed(mock_cluster, lines)
+    ends = produce_feed(quick_mock_cluster, lines)
 
-    first = source(mock_cluster, store, "g-b")  # two batches stored, then dies inside the third transaction
+    first = source(quick_mock_cluster, store, "g-b")  # two batches stored, then dies inside the third transaction
     dec = decoder()
     done = next_batch(first, store, dec, "first") + next_batch(first, store, dec, "first")
     with pytest.raises(Crash):
@@ -208,7 +212,7 @@ def test_consumer_killed_mid_batch_and_restarted_counts_every_resource_exactly_o
     assert len(counted_rows(store)) == done > 0
     assert sum(stored_offsets(store).values()) == done  # next offsets: what was consumed from each partition
 
-    second = source(mock_cluster, store, "g-b")  # resumes at the stored offsets; stores a batch but dies before
+    second = source(quick_mock_cluster, store, "g-b")  # resumes at the stored offsets; stores a batch but dies before
     dec = decoder()                              # acking it to Kafka, so the broker's committed offsets lag the store
     with pytest.raises(Crash):
         next_batch(second, store, dec, "second", crash="after-db-commit")
@@ -218,7 +222,7 @@ def test_consumer_killed_mid_batch_and_restarted_counts_every_resource_exactly_o
     second.close()
     assert len(counted_rows(store)) == done < len(lines)
 
-    third = source(mock_cluster, store, "g-b")
+    third = source(quick_mock_cluster, store, "g-b")
     drain(third, store, "third")
     third.close()
 
@@ -300,17 +304,17 @@ def test_a_group_of_three_with_a_rebalance_counts_every_resource_exactly_once(mo
 
 
 def test_partitions_revoked_with_unstored_work_and_no_on_revoke_stop_the_consumer_not_double_count(
-        mock_cluster, store, feed):
+        quick_mock_cluster, store, feed):
     """A consumer that polled without storing and has no ``on_revoke`` must not go on to store results the new owner
     also produces: the rebalance makes its ``poll`` raise ``UnstoredWorkRevoked``; the new owner replays them."""
     lines, accepted = feed
-    ends = produce_feed(mock_cluster, lines)
-    first = source(mock_cluster, store, "g-r")
+    ends = produce_feed(quick_mock_cluster, lines)
+    first = source(quick_mock_cluster, store, "g-r")
     deadline = time.monotonic() + 30
     while not (polled := first.poll(20, 0.2)):  # joins alone, gets all partitions, polls 20 it never stores
         assert time.monotonic() < deadline
     assert 0 < len(polled) <= 20
-    second = source(mock_cluster, store, "g-r")
+    second = source(quick_mock_cluster, store, "g-r")
     newcomer = threading.Thread(target=drain, args=(second, store, "second"))
     newcomer.start()  # its join makes the coordinator rebalance; the first learns of it inside poll
     with pytest.raises(UnstoredWorkRevoked, match=r"not stored \(fhir\.r4\[\d\]: \d+"):
@@ -327,7 +331,7 @@ def test_partitions_revoked_with_unstored_work_and_no_on_revoke_stop_the_consume
 # --- (d) poison messages ------------------------------------------------------------------------------------------
 
 
-def test_poison_messages_become_dead_letters_with_their_offset_and_the_stream_continues(mock_cluster, store):
+def test_poison_messages_become_dead_letters_with_their_offset_and_the_stream_continues(quick_mock_cluster, store):
     records = [
         b'{"resourceType": "Organization", "id": "site-a"}',
         b'{"resourceType": "Organization", "id": ',  # truncated JSON
@@ -337,8 +341,8 @@ def test_poison_messages_become_dead_letters_with_their_offset_and_the_stream_co
         b'{"resourceType": "Patient", "id": "p-1", "birthDate": "yesterday"}',  # FHIR that breaks the profile
         b'{"resourceType": "Organization", "id": "site-b"}',
     ]
-    mock_cluster.produce("poison", [(0, r) for r in records])
-    src = source(mock_cluster, store, "g-d", topics=["poison"])
+    quick_mock_cluster.produce("poison", [(0, r) for r in records])
+    src = source(quick_mock_cluster, store, "g-d", topics=["poison"])
     try:
         assert drain(src, store, "only") == len(records)
     finally:

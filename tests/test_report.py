@@ -1,6 +1,9 @@
-"""The surveillance report (issue #8, "Must show"): built from a store the real demo pipeline wrote (one short
-scanner-upgrade simulation), self-contained, one inline SVG per chart, no identifiers, every value escaped, and it
-renders in headless Chromium (a screenshot that shows the charts' colours)."""
+"""The surveillance report (issue #8, "Must show"): built from a store the real demo pipeline wrote (the demo's
+scanner-upgrade store: 180 days, change on day 100), self-contained, one inline SVG per chart, no identifiers, every
+value escaped, and it renders in headless Chromium (a screenshot that shows the charts' colours).
+
+The demo run is the one test_e2e.py checks (``_shared_fixtures.demo_run``, once per session); the safety officer's
+decisions below are undone when this module ends, so they never reach another module's view of the shared run."""
 
 from __future__ import annotations
 
@@ -9,39 +12,42 @@ import subprocess
 from datetime import UTC, datetime
 
 import pytest
+from _shared_fixtures import demo_run, restored_afterwards, start_demo_in_background
 from matplotlib import image as mpimg
 from sqlalchemy import select
 from typer.testing import CliRunner
 
 from vigil.cli import app
-from vigil.demo import run_demo
 from vigil.report import build_report, chromium_binary, print_pdf
 from vigil.store import AlertRow, CaseRow, RunRow, session_factory
 
 runner = CliRunner()
+start_demo_in_background()  # the demo runs on the other core while the modules collected before this one are tested
 HOSTILE_COMMENT = '<script>alert("x")</script> & checked'
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """The real pipeline on a 125-day scanner-upgrade feed (change on day 100), then a safety officer's decisions."""
-    out = tmp_path_factory.mktemp("report-demo")
-    summary = run_demo(out, seed=7, days=125, scenarios=["scanner-upgrade"])
-    assert summary["alerts"], "the short simulation must raise at least one alert for the report to show"
+    """The real pipeline on the demo's scanner-upgrade feed (change on day 100), then a safety officer's decisions,
+    in the demo's own store (the run's configuration hash covers the store URL, which the report checks); the store
+    is restored when this module is done. Yields (store URL, the demo's output directory)."""
+    out, summary = demo_run(tmp_path_factory)
+    alerts = [a for a in summary["alerts"] if a["scenario"] == "scanner-upgrade"]
+    assert alerts, "the simulation must raise at least one alert for the report to show"
     demo_report = (out / "report.html").read_text(encoding="utf-8")  # `vigil demo` writes one too
     assert "Scenario scanner-upgrade" in demo_report and demo_report.count("<svg") >= 2
-    url = f"sqlite:///{out / 'stores' / 'scanner-upgrade.db'}"
-    first = summary["alerts"][0]["id"]
-    assert runner.invoke(app, ["alerts", "ack", first, "--by", "dr.safety", "--comment", HOSTILE_COMMENT,
-                               "--store", url]).exit_code == 0
-    assert runner.invoke(app, ["alerts", "resolve", first, "--by", "dr.safety", "--store", url]).exit_code == 0
-    return url, out
+    with restored_afterwards(out / "stores" / "scanner-upgrade.db", tmp_path_factory.mktemp("pristine")) as url:
+        first = alerts[0]["id"]
+        assert runner.invoke(app, ["alerts", "ack", first, "--by", "dr.safety", "--comment", HOSTILE_COMMENT,
+                                   "--store", url]).exit_code == 0
+        assert runner.invoke(app, ["alerts", "resolve", first, "--by", "dr.safety", "--store", url]).exit_code == 0
+        yield url, out
 
 
 @pytest.fixture(scope="module")
-def report(store):
-    url, out = store
-    info = build_report(url, out / "report.html")
+def report(store, tmp_path_factory):
+    url, _ = store
+    info = build_report(url, tmp_path_factory.mktemp("report") / "report.html")
     return info, info.path.read_text(encoding="utf-8")
 
 

@@ -37,6 +37,7 @@ class Feed:
         self.out, self.truth = out, truth
         self.raw = {t: (out / f"{t}.000.ndjson").read_bytes() for t in TYPES}
         self._parsed: dict[str, list[dict]] = {}
+        self._cases: dict[str, list[dict]] = {}
 
     def of(self, rtype: str) -> list[dict]:
         if rtype not in self._parsed:
@@ -44,7 +45,13 @@ class Feed:
         return self._parsed[rtype]
 
     def cases(self, model: str) -> list[dict]:
-        """Each prediction of `model` with its site, age, scanner, score and true label (re-derived from outcomes)."""
+        """Each prediction of `model` with its site, age, scanner, score and true label (re-derived from outcomes).
+        Derived once per feed and model (several tests read the same cases; none modifies them)."""
+        if model not in self._cases:
+            self._cases[model] = self._derive_cases(model)
+        return self._cases[model]
+
+    def _derive_cases(self, model: str) -> list[dict]:
         by_id = {(r["resourceType"], r["id"]): r for t in ("Patient", "Encounter") for r in self.of(t)}
         facts: dict[str, list[dict]] = defaultdict(list)
         for r in self.of("Condition" if model == "cta-stenosis" else "Observation"):
