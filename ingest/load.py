@@ -15,7 +15,7 @@ from ingest.sources import Message
 from vigil.domain import DeadLetter, Position
 
 _PROBLEM_CATEGORIES = {"missing": "missing element", "invalid": "invalid value", "fails": "FHIR validation",
-                       "unknown": "unknown model"}
+                       "unknown": "unknown model", "too": "too late"}
 
 
 @dataclass(slots=True)

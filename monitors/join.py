@@ -15,7 +15,7 @@ import heapq
 from datetime import datetime
 
 from ontology.outcomes import FactTimeline, OutcomeDefinition
-from vigil.domain import Case, Label, OutcomeFact, Prediction
+from vigil.domain import Case, Fact, Label, OutcomeFact, Prediction
 from vigil.settings import ModelConfig
 
 _NO_FACTS = FactTimeline()  # read only: what a subject without relevant facts is decided from
@@ -50,6 +50,11 @@ class LabelJoin:
     def waiting(self, subject: str) -> bool:
         """Whether any prediction of this subject still waits for its label."""
         return bool(self._by_subject.get(subject))
+
+    def holds(self, fact: Fact) -> bool:
+        """Whether a version of this resource is among the facts kept for its subject."""
+        timeline = self._facts.get(fact.subject)
+        return timeline is not None and fact.resource_id in timeline
 
     def add_prediction(self, pred: Prediction) -> Case | None:
         """Register a prediction (a newer version replaces a pending one); label it at once if facts decide it."""

@@ -44,9 +44,24 @@ def test_a_prediction_arriving_after_its_window_and_grace_closed_is_dead_lettere
     [letter] = result.dead_letters
     assert letter.resource_id == "ra-late" and "too late to be labeled" in letter.reason
     assert str(letter.position) == f"{path}:6"
-    assert result.late == {"RiskAssessment": 1}
+    assert result.late == {"RiskAssessment": 1} and result.rejected == {"too late": 1}
     assert result.accepted["RiskAssessment"] == 1  # the on-time one
     assert "ra-late" not in result.models["aki-risk"].join and "ra-ok" in result.models["aki-risk"].join
+
+
+def test_a_redelivered_prediction_is_a_duplicate_even_after_its_window_closed(tmp_path):
+    """At-least-once delivery (Kafka, webhook catch-up) re-sends what was monitored: counted as a duplicate, not
+    dead-lettered as late."""
+    settings = load_settings()
+    aki = next(m for m in settings.models if m.id == "aki-risk")
+    later = T0 + aki.label_window + aki.label_grace + timedelta(days=3)
+    first = _aki_prediction("ra-1", T0, arrives=T0 + timedelta(hours=1))
+    again = _aki_prediction("ra-1", T0, arrives=later + timedelta(hours=1))
+    path = _ndjson(tmp_path / "feed.ndjson", _aki_world() + [first, _creatinine("cr", _iso(later), 1.0, _iso(later)),
+                                                           again])
+    result = Pipeline(settings).run_paths([path])
+    assert result.duplicates == {"RiskAssessment": 1}
+    assert result.late == {} and result.dead_letters == []
 
 
 def test_a_fact_older_than_every_horizon_is_counted_late_and_its_replay_is_not_a_second_observation(tmp_path):

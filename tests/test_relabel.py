@@ -82,7 +82,11 @@ def test_a_correction_after_the_window_and_grace_closed_is_counted_not_applied(f
     closes = case.prediction.time + run.config.label_window + run.config.label_grace
     late = _retraction(outcomes[case.evidence[0]])
     late["meta"]["lastUpdated"] = (closes + timedelta(hours=6)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    (tmp_path / "Late.000.ndjson").write_bytes(orjson.dumps(late) + b"\n")
+    heart_rate = {"resourceType": "Observation", "id": "hr-1", "status": "amended",  # not an outcome: no correction
+                  "meta": {"versionId": "2", "lastUpdated": late["meta"]["lastUpdated"]}, "subject": late["subject"],
+                  "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+                  "effectiveDateTime": late["meta"]["lastUpdated"], "valueQuantity": {"value": 80, "code": "/min"}}
+    (tmp_path / "Late.000.ndjson").write_bytes(orjson.dumps(late) + b"\n" + orjson.dumps(heart_rate) + b"\n")
 
     corrected = Pipeline(load_settings()).run_paths([feed, tmp_path / "Late.000.ndjson"])
     assert corrected.corrections["outcome corrected after its labels froze (not applied)"] == 1

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from alerts.lifecycle import AlertBook
 from ingest import Decoder, IngestResult, SubjectKeyer, load, reason_category
+from ingest.decode import unknown_model
 from ingest.load import cyclic_gc_paused
 from monitors.join import LabelJoin
 from monitors.streams import StreamMonitor
@@ -159,8 +160,9 @@ class Pipeline:
         events.sort(key=_arrival_order)
         for i, (position, event) in enumerate(events):
             watermark = self._advance(event.received or event.time)  # windows closed before it arrived close first
-            if self._late(event, position) or self._is_duplicate(event):
+            if self._is_duplicate(event) or self._late(event, position):  # a re-delivery is a duplicate, not late
                 continue
+            self._remember_version(event)
             if isinstance(event, Prediction):
                 self._on_prediction(event, watermark, position)
             else:
@@ -195,8 +197,7 @@ class Pipeline:
             horizon = watermark - _prediction_horizon(run.config)
             for monitor in run.monitors.values():
                 dropped += monitor.forget_points(horizon)
-            settled = [rid for rid, case in run.cases.items() if case.prediction.time < horizon
-                       and (run.config.id, rid) not in self.result.unsaved]
+            settled = [rid for rid, case in run.cases.items() if case.prediction.time < horizon]
             for rid in settled:
                 del run.cases[rid]
             self.result.forgotten_cases += len(settled)
@@ -232,32 +233,34 @@ class Pipeline:
         horizon = _prediction_horizon(run.config) if run is not None else self.horizon
         if event.time >= self._high_water - horizon:
             return False
-        rtype = event.resource_type if isinstance(event, Fact) else "RiskAssessment"
-        self.result.late[rtype] += 1
+        self.result.late[_identity(event)[0]] += 1
         if isinstance(event, Prediction):
             days = (self._high_water - event.time) / timedelta(days=1)
-            self._reject(DeadLetter(position, f"RiskAssessment/{event.resource_id}: arrived {days:.0f} days after "
-                                    f"its prediction time, after its label window and grace closed "
-                                    f"(+1 day): too late to be labeled, not monitored",
+            self._reject(DeadLetter(position, f"RiskAssessment/{event.resource_id}: too late to be labeled, not "
+                                    f"monitored (arrived {days:.0f} days after its prediction time, when its label "
+                                    f"window and grace had closed a day or more before)",
                                     "RiskAssessment", event.resource_id))
             self.result.accepted["RiskAssessment"] -= 1  # decoded, but it does not enter the flow
         return True
 
     def _is_duplicate(self, event: Prediction | Fact) -> bool:
-        """Replays and re-sent versions count once: keep a version only if it is newer than the last one seen.
+        """Replays and re-sent versions count once: a version counts only if it is newer than the last one seen.
 
         Versions are remembered until the event leaves the horizon (then a replay of it is ``late`` anyway), so the
         dedupe state is bounded by the horizon, not by the length of the feed."""
-        key = (event.resource_type if isinstance(event, Fact) else "RiskAssessment", event.resource_id)
-        seen = self._versions.get(key)
+        seen = self._versions.get(_identity(event))
         if seen is not None and _version_order(event.version_id) <= _version_order(seen[0]):
-            self.result.duplicates[key[0]] += 1
+            self.result.duplicates[_identity(event)[0]] += 1
             return True
+        return False
+
+    def _remember_version(self, event: Prediction | Fact) -> None:
+        key = _identity(event)
+        seen = self._versions.get(key)
         expires = event.time + self.horizon
         if seen is None or expires > seen[1]:
             heapq.heappush(self._version_expiry, (expires, key))
         self._versions[key] = (event.version_id, max(expires, seen[1]) if seen else expires)
-        return False
 
     def _forget_versions(self, watermark: datetime) -> None:
         """Drop the versions of resources whose every version is now beyond the horizon."""
@@ -272,9 +275,8 @@ class Pipeline:
     def _on_prediction(self, pred: Prediction, watermark: datetime, position: Position) -> None:
         run = self.result.models.get(pred.model_id)
         if run is None:
-            self._reject(DeadLetter(position, f"RiskAssessment/{pred.resource_id}: unknown model '{pred.model_id}' "
-                                    "(configure it under models: to monitor it)", "RiskAssessment",
-                                    pred.resource_id))
+            self._reject(DeadLetter(position, f"RiskAssessment/{pred.resource_id}: {unknown_model(pred.model_id)}",
+                                    "RiskAssessment", pred.resource_id))
             self.result.accepted["RiskAssessment"] -= 1  # decoded, but it does not enter the flow
             return
         rid = pred.resource_id
@@ -300,7 +302,7 @@ class Pipeline:
         self._subject_site[pred.subject] = pred.site
         monitor = self._monitor(run, pred)
         if not amended:  # the score of a prediction counts once, whatever its versions
-            self._signals(monitor.observe("score_mean", pred.site, self._cells(pred), pred.score, pred.time,
+            self._signals(monitor.observe("score_mean", pred.site, pred.cells, pred.score, pred.time,
                                           watermark))
         case = run.join.add_prediction(pred)
         if case is not None:
@@ -325,7 +327,9 @@ class Pipeline:
         # (a baseline creatinine is drawn before the risk score)
         for model_id, run in sorted(self.result.models.items()):
             relevant = run.join.definition.relevant(of)
-            if relevant or correction:  # a correction may make an earlier version stop counting: the join drops it
+            # a correction may make an earlier version stop counting (retracted, or no longer relevant): the join
+            # drops it; a fact this outcome never used is no correction of it
+            if relevant or (correction and run.join.holds(fact)):
                 if relevant and fact.status != "entered-in-error":
                     _latest(run.measured, fact.subject, fact.time)
                 for case in run.join.add_fact(of):
@@ -355,7 +359,7 @@ class Pipeline:
             self.result.corrections["relabeled: outcome amended or retracted"] += 1
             _settled(run, subject, rid)
             if case.label is Label.POSITIVE:
-                run.monitors[pred.model_version].correct("fnr", pred.site, self._cells(pred), float(not case.decision),
+                run.monitors[pred.model_version].correct("fnr", pred.site, pred.cells, float(not case.decision),
                                                          None, pred.time)
             if new is None:  # waits again; stored as unlabeled until then
                 del run.cases[rid]
@@ -379,7 +383,7 @@ class Pipeline:
             return
         if case.label is Label.POSITIVE:
             self._signals(run.monitors[pred.model_version].observe(
-                "fnr", pred.site, self._cells(pred), float(not case.decision), pred.time, watermark))
+                "fnr", pred.site, pred.cells, float(not case.decision), pred.time, watermark))
         closes = pred.time + run.config.label_window + run.config.label_grace
         self._seq += 1
         heapq.heappush(run.closing, (closes, self._seq, case))
@@ -404,7 +408,7 @@ class Pipeline:
             _settled(run, pred.subject, pred.resource_id)
             observe = run.monitors[pred.model_version].observe
             positive = case.label is Label.POSITIVE
-            cells_ = self._cells(pred)
+            cells_ = pred.cells
             self._signals(observe("error_rate", pred.site, cells_, float(case.decision != positive), pred.time,
                                   watermark))
             self._signals(observe("outcome_rate", pred.site, cells_, float(positive), pred.time, watermark))
@@ -464,10 +468,6 @@ class Pipeline:
             monitor = run.monitors[pred.model_version] = StreamMonitor(
                 run.config, pred.model_version, self.settings.monitors, self.settings.subgroups, start)
         return monitor
-
-    @staticmethod
-    def _cells(pred: Prediction) -> list[str]:
-        return pred.cells
 
     def _signals(self, signals) -> None:
         for signal in signals:
@@ -547,8 +547,11 @@ def _terminology(settings: Settings) -> ServerFallback | None:
 def _arrival_order(item: tuple[Position, Prediction | Fact]):
     """Arrival time, then event time, then identity and version: a total order independent of the input files."""
     e = item[1]
-    rtype = e.resource_type if isinstance(e, Fact) else "RiskAssessment"
-    return (e.received or e.time, e.time, rtype, e.resource_id, _version_order(e.version_id))
+    return (e.received or e.time, e.time, *_identity(e), _version_order(e.version_id))
+
+
+def _identity(event: Prediction | Fact) -> tuple[str, str]:
+    return (event.resource_type if isinstance(event, Fact) else "RiskAssessment", event.resource_id)
 
 
 def _version_order(version: str) -> tuple[int, str]:
