@@ -69,8 +69,7 @@ def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
 def interval(metric: str, total: float, total_sq: float, n: int) -> tuple[float, float]:
     """95 % interval of a stream's value over n observations: Wilson for rates, normal for score means.
 
-    (For ``calibration_oe`` the value of a day is its observed event rate; the O/E ratio's interval is
-    ``oe_interval``.)"""
+    (``calibration_oe`` is charted and stored as observed/expected events, with ``oe_interval``.)"""
     if metric in MEAN_METRICS:
         mean = total / n
         half = 1.96 * math.sqrt(max(total_sq / n - mean * mean, 0.0) / n)
@@ -129,7 +128,7 @@ def _design_odds_ratio(values: list[float], counts: list[float], observed: float
                        confidence: float = 0.95) -> float | None:
     """The in-control odds ratio R_0 a calibration chart is designed for: the odds multiplier at which the mix would
     expect the one-sided 95 % exact Poisson upper bound of the observed count (Garwood 1936: Γ⁻¹(O + 1, 0.95)),
-    rounded *up* to two significant digits; None when no finite multiplier reaches it (nearly every baseline case an
+    rounded *up* to three significant digits; None when no finite multiplier reaches it (nearly every baseline case an
     event).
 
     As for the rates (``_design_rate``): a chart designed on an estimate that falls below the truth alarms far more
@@ -141,8 +140,8 @@ def _design_odds_ratio(values: list[float], counts: list[float], observed: float
     if target >= sum(counts) * (1.0 - 1e-9):
         return None
     r = recalibration_odds_ratio(values, counts, target)
-    scale = 10.0 ** (math.floor(math.log10(r)) - 1)
-    return float(f"{math.ceil(r / scale - 1e-9) * scale:.2g}")
+    scale = 10.0 ** (math.floor(math.log10(r)) - 2)
+    return float(f"{math.ceil(r / scale - 1e-9) * scale:.3g}")
 
 
 def _risk_bin(p: float) -> int:
@@ -359,37 +358,31 @@ class StreamMonitor:
         return mean <= s.detector.p0
 
     def correct(self, metric: str, site: str, cells: list[str], old: float, new: float | None,
-                event_time: datetime, risk: float | None = None) -> None:
+                event_time: datetime) -> None:
         """An observation already counted changed (``new``) or was withdrawn (``new`` None): a corrected outcome.
 
         Before the baseline is complete the baseline sums (or the buffer of early observations) are corrected exactly.
         Once a stream is active its daily point is corrected, so the performance shown is right, but a sequential
         detector cannot be rewound: its statistic stands, and the stream counts the correction (``corrections``),
-        which the alert evidence and the dashboards show. Rate and calibration metrics only (labels do not change
-        scores); ``risk`` is the case's predicted risk, required for ``calibration_oe`` as in ``observe``.
+        which the alert evidence and the dashboards show. Rate metrics only: labels do not change scores, and the
+        calibration stream is observed only once a case's label is frozen.
         """
-        if metric not in self.complete_at or metric in MEAN_METRICS:
+        if metric not in self.complete_at or metric not in RATE_METRICS:
             return
-        risk = _risk(metric, risk) if metric in RISK_METRICS else None
-        withdrawn = new is None
         if metric not in self._active:
             if event_time < self.baseline_end:
-                i = _risk_bin(risk) if risk is not None else 0
                 for stream in self._group(metric, site, cells):
                     stream.b_n += (new is not None) - 1
                     stream.b_sum += (new or 0.0) - old
                     stream.b_raw += (new or 0.0) - old
                     stream.b_sumsq += (new or 0.0) ** 2 - old * old
-                    if risk is not None and withdrawn:
-                        stream.b_expected -= risk
-                        stream.mix.add(i, risk, -1)
             else:
                 buffer = self._buffer[metric]
-                i = buffer.index((site, cells, old, event_time, risk))
+                i = buffer.index((site, cells, old, event_time, None))
                 if new is None:
                     del buffer[i]
                 else:
-                    buffer[i] = (site, cells, new, event_time, risk)
+                    buffer[i] = (site, cells, new, event_time, None)
             return
         if event_time < self.baseline_end:
             self.late_baseline[metric] += 1  # the baseline is calibrated and frozen
@@ -403,8 +396,6 @@ class StreamMonitor:
             point.n += (new is not None) - 1
             point.total += (new or 0.0) - old
             point.total_sq += (new or 0.0) ** 2 - old * old
-            if risk is not None and withdrawn:
-                point.expected -= risk
             point.stored = False
             if point.n == 0:
                 del stream.points[day]

@@ -23,7 +23,7 @@ DATA_QUALITY_METRICS = frozenset({"unmapped_rate", "no_followup_rate", "missing_
                                   "schema_mismatch_rate"})
 SCORE_METRICS = frozenset({"score_mean"})
 PREVALENCE_METRICS = frozenset({"outcome_rate"})
-CALIBRATION_METRICS = frozenset({"calibration_oe"})  # more events than the scores predict: recalibration's target
+CALIBRATION_METRICS = frozenset({"calibration_oe"})  # O/E above its baseline: recalibration's target
 
 DATA_QUALITY_WINDOW = timedelta(days=30)
 ACQUISITION_BEFORE = timedelta(days=30)
@@ -288,8 +288,8 @@ def _population_shift(pool: _Pool, ctx: TriageContext) -> list[tuple[CauseHypoth
     if any(is_prevalence(a) for a in members):
         ev.add(0.2, "the outcome rate moved (outcome_rate): a prior (prevalence) shift, which recalibration addresses")
     if any(is_calibration(a) for a in members):
-        ev.add(0.2, "more events than the scores predict (calibration_oe, risk-adjusted CUSUM): calibration drift, "
-                    "which recalibration addresses")
+        ev.add(0.2, "observed/expected events rose above the baseline's (calibration_oe, risk-adjusted CUSUM): "
+                    "calibration drift, which recalibration addresses")
     scope = ctx.sites if at_all or not sites else sites
     return [
         (

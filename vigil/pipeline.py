@@ -60,9 +60,10 @@ class ModelRun:
     measured: dict[str, datetime] = field(default_factory=dict)  # subject → latest fact its outcome can use
 
     def followed_up(self, pred: Prediction, any_fact: dict[str, datetime]) -> bool:
-        """Whether the feed delivered follow-up for this prediction by its window's close: a fact dated after it that
-        the outcome definition can use (a lab-rise outcome needs measurements) — or, for a code-set outcome, whose
-        negatives rest on the *absence* of a code, any fact about the subject at all."""
+        """Whether the feed delivered follow-up for this prediction by the close of its window and grace: a fact dated
+        at or after it (inside the window or later) that the outcome definition can use (a lab-rise outcome needs
+        measurements) — or, for a code-set outcome, whose negatives rest on the *absence* of a code, any fact about
+        the subject at all. A completeness signal for the feed, not part of the label."""
         latest = (self.measured if self.config.outcome.kind == "lab_rise" else any_fact).get(pred.subject)
         return latest is not None and latest >= pred.time
 
