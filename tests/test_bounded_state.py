@@ -100,6 +100,10 @@ def test_dedupe_and_encounter_state_stay_bounded_over_a_long_feed(long_feed):
     assert all(e.start >= result.watermark - timedelta(days=horizon_days + 1)
                for e in p.encounters.values() if e.start is not None)
     assert result.late == {} and result.dead_letters == []  # a healthy feed has nothing late
+    # per-subject maps hold the subjects active within the horizon, not every subject ever seen
+    assert len(p._subject_active) < 0.6 * len(p.subjects)
+    assert set(p._followed_up) <= set(p._subject_active) and set(p._subject_models) <= set(p._subject_active)
+    assert all(t >= result.watermark - p.horizon - timedelta(days=1) for t in p._subject_active.values())
 
 
 def test_service_mode_forgets_settled_cases_and_ends_with_the_one_shot_results(long_feed):

@@ -125,6 +125,9 @@ class Pipeline:
         self._subject_models: dict[str, set[str]] = defaultdict(set)
         self._subject_site: dict[str, str] = {}
         self._followed_up: dict[str, datetime] = {}  # subject → clinical time of the latest fact received
+        # the per-subject maps above forget a subject once its latest event is beyond the horizon
+        self._subject_active: dict[str, datetime] = {}
+        self._subject_expiry: list[tuple[datetime, str]] = []  # heap
         self._seq = 0  # tiebreak in the closing heaps: cases closing at the same instant keep arrival order
         # how far behind the watermark an event may still change a label: the longest window + grace + baseline
         # lookback of any model, plus the day ``prune_facts`` keeps (an older event is ``late``)
@@ -299,6 +302,7 @@ class Pipeline:
             run.scanners[key] = min(run.scanners.get(key, pred.time), pred.time)
         pred.attributes = attributes(self.subjects.get(pred.subject), scanner, pred.time, self.settings.subgroups)
         pred.cells = cells(pred.attributes, self.settings.subgroups)  # once: every metric of it counts in these
+        self._touch(pred.subject, pred.time)
         self._subject_models[pred.subject].add(pred.model_id)
         self._subject_site[pred.subject] = pred.site
         monitor = self._monitor(run, pred)
@@ -313,6 +317,7 @@ class Pipeline:
         encounter = self.encounters.get(fact.encounter or "")
         fact.site = (encounter.site if encounter else None) or self._subject_site.get(fact.subject) or "unknown"
         of = self.mapper.map(fact)
+        self._touch(fact.subject, fact.time)
         if fact.status != "entered-in-error":
             _latest(self._followed_up, fact.subject, fact.time)
         coverage = [ALL, code_system_cell(fact)]  # mapping coverage per site, and per site and code system
@@ -432,6 +437,7 @@ class Pipeline:
             self._next_day = watermark.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
             self._forget_versions(self._high_water)
             self._forget_encounters(self._high_water)
+            self._forget_subjects(self._high_water)
         for run in self.result.models.values():
             for case in run.join.advance(watermark):
                 self._on_case(run, case, watermark)
@@ -444,6 +450,27 @@ class Pipeline:
         if new_day and after is not None:
             self.result.alerts.auto_resolve(watermark, after, self._in_control)
         return watermark
+
+    def _touch(self, subject: str, at: datetime) -> None:
+        last = self._subject_active.get(subject)
+        if last is None or at > last:
+            self._subject_active[subject] = at
+            heapq.heappush(self._subject_expiry, (at + self.horizon, subject))
+
+    def _forget_subjects(self, watermark: datetime) -> None:
+        """A subject whose latest event is beyond the horizon: any event of theirs still to come is ``late`` or a new
+        start (its predictions read follow-up dated after themselves), so their site, models and follow-up times go."""
+        while self._subject_expiry and self._subject_expiry[0][0] < watermark:
+            expires, subject = heapq.heappop(self._subject_expiry)
+            last = self._subject_active.get(subject)
+            if last is None or last + self.horizon > expires:
+                continue  # active since: a later entry stands for it
+            del self._subject_active[subject]
+            self._subject_models.pop(subject, None)
+            self._subject_site.pop(subject, None)
+            self._followed_up.pop(subject, None)
+            for run in self.result.models.values():
+                run.measured.pop(subject, None)
 
     def _forget_encounters(self, watermark: datetime) -> None:
         """Encounters that began a year before the horizon: an event inside one of them would be ``late``."""
