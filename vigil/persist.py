@@ -127,14 +127,14 @@ def _cases(session, result: RunResult) -> None:
                                                                 CaseRow.prediction_id.in_(ids[i:i + 5000]))))
     rows, changes = [], []
     for c in cases:
-        row = _row(CaseRow.from_case(c))
+        row = CaseRow.values_of(c)
         row_id = known.get((c.prediction.model_id, c.prediction.resource_id))
         if row_id is None:
             rows.append(row)
         else:
             changes.append({"id": row_id, **{k: row.get(k) for k in _RELABEL_COLUMNS}})
     if rows:
-        session.execute(insert(CaseRow), rows)
+        session.connection().execute(CaseRow.__table__.insert(), rows)  # Core executemany: no ORM bookkeeping
     if changes:
         session.execute(update(CaseRow), changes)
 

@@ -138,8 +138,13 @@ class CaseRow(Base):
 
     @classmethod
     def from_case(cls, case: Case) -> CaseRow:
+        return cls(**cls.values_of(case))
+
+    @staticmethod
+    def values_of(case: Case) -> dict[str, Any]:
+        """The row's column values, as a dict for bulk inserts (building ORM objects first costs half the insert)."""
         p = case.prediction
-        return cls(
+        return dict(
             model=p.model_id,
             model_version=p.model_version,
             prediction_id=p.resource_id,
