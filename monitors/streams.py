@@ -226,6 +226,7 @@ class Stream:
     run_expected: float = 0.0
     since_alarm_expected: float = 0.0
     mix: RiskMix | None = None
+    stored: bool = False  # False once its state row changed since the store last wrote it
 
     def add_baseline(self, x: float, charted: float) -> None:
         self.b_n += 1
@@ -285,6 +286,7 @@ class StreamMonitor:
                 charted = _logit(x)
                 for stream in group:
                     stream.add_baseline(x, charted)
+                    stream.stored = False
             elif risk is None:
                 sq = x * x
                 for stream in group:
@@ -292,12 +294,14 @@ class StreamMonitor:
                     stream.b_raw += x
                     stream.b_sum += x
                     stream.b_sumsq += sq
+                    stream.stored = False
             else:
                 i = _risk_bin(risk)
                 for stream in group:
                     stream.add_baseline(x, x)
                     stream.b_expected += risk
                     stream.mix.add(i, risk)
+                    stream.stored = False
         elif metric in self._active:
             group = self._group(metric, site, cells)
             day = self._day  # the day of the event, computed once per day of events (they come in runs of a day)
@@ -376,6 +380,7 @@ class StreamMonitor:
                     stream.b_sum += (new or 0.0) - old
                     stream.b_raw += (new or 0.0) - old
                     stream.b_sumsq += (new or 0.0) ** 2 - old * old
+                    stream.stored = False
             else:
                 buffer = self._buffer[metric]
                 i = buffer.index((site, cells, old, event_time, None))
@@ -393,6 +398,7 @@ class StreamMonitor:
             if stream.detector is None or point is None:
                 continue
             stream.corrections += 1
+            stream.stored = False
             point.n += (new is not None) - 1
             point.total += (new or 0.0) - old
             point.total_sq += (new or 0.0) ** 2 - old * old
@@ -439,6 +445,7 @@ class StreamMonitor:
             eligible = [s for s in streams if s.b_n >= self.min_n]
         chosen = {id(s) for s in eligible}
         for s in streams:
+            s.stored = False  # designed now, or found insufficient
             if id(s) not in chosen:
                 s.status = "insufficient_data"
         if not eligible:
@@ -509,6 +516,7 @@ class StreamMonitor:
             d = s.detector
             if d is None:
                 continue
+            s.stored = False
             before = s.prev_stat
             alarm = d.update_event(event)
             stat = d.statistic
@@ -550,6 +558,7 @@ class StreamMonitor:
             d = s.detector
             if d is None:
                 continue
+            s.stored = False
             before = s.prev_stat
             alarm = d.update((charted - s.centre) / s.sd)
             z = d.z
@@ -590,6 +599,7 @@ class StreamMonitor:
             d = s.detector
             if d is None:
                 continue
+            s.stored = False
             before = s.prev_stat
             alarm = d.update(y, risk)
             stat = d.statistic

@@ -23,8 +23,8 @@ from vigil.domain import Position
 from vigil.service import Service
 from vigil.settings import load_settings
 from vigil.simulator import simulate
-from vigil.store import (AlertRow, CaseRow, CheckpointRow, DeadLetterRow, MetricPointRow, RunRow, TicketRow,
-                         session_factory)
+from vigil.store import (AlertRow, CaseRow, CheckpointRow, DeadLetterRow, MetricPointRow, RunRow, StreamStateRow,
+                         TicketRow, session_factory)
 
 TOPIC = "feed"
 
@@ -93,10 +93,13 @@ def _outcome(url: str) -> dict:
         letters = sorted((d.source, d.position, d.reason) for d in s.scalars(select(DeadLetterRow)))
         points = sorted((p.model, p.metric, p.site, p.subgroup, p.period_start, p.n, round(p.value, 9))
                         for p in s.scalars(select(MetricPointRow)))
+        streams = sorted((r.model, r.model_version, r.metric, r.site, r.subgroup, r.status, r.baseline_n, r.n,
+                          None if r.statistic is None else round(r.statistic, 9))
+                         for r in s.scalars(select(StreamStateRow)))
         chain = audit.verify(s)
     factory.kw["bind"].dispose()
     return {"alerts": alerts, "tickets": tickets, "labels": labels, "cases": cases, "distinct_cases": distinct,
-            "dead_letters": letters, "points": points, "audit_ok": chain.ok}
+            "dead_letters": letters, "points": points, "streams": streams, "audit_ok": chain.ok}
 
 
 def _run(url: str, feed: list[bytes], crash_after: int | None = None, batch: int = 4000):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import delete, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from alerts.lifecycle import identity
@@ -144,18 +144,28 @@ _RELABEL_COLUMNS = ("label", "labeled_at", "outcome_definition", "evidence", "pr
 
 
 def _streams(session, result: RunResult, incremental: bool) -> None:
-    """Replace every stream's state row, and its daily points from the earliest day that changed since last stored.
+    """Replace the state row of every stream that changed since last stored (all of them when not incremental), and
+    the daily points from the earliest day that changed.
 
     Late labels change recent days only (within the label window), so a service storing every few seconds rewrites
     a bounded tail, not the whole history.
     """
     for monitor in result.monitors():
         model, version = monitor.model.id, monitor.version
-        session.execute(delete(StreamStateRow).where(StreamStateRow.model == model,
-                                                     StreamStateRow.model_version == version))
-        states = [_state_row(s) for s in monitor.streams.values()]
-        if states:
-            session.execute(insert(StreamStateRow), states)
+        changed = [s for s in monitor.streams.values() if not (incremental and s.stored)]
+        if len(changed) == len(monitor.streams):  # all of them (a first store): rows of streams gone go too
+            session.execute(delete(StreamStateRow).where(StreamStateRow.model == model,
+                                                         StreamStateRow.model_version == version))
+        else:  # only the streams an observation, a calibration or a correction changed since the last store
+            for i in range(0, len(changed), 500):
+                session.execute(delete(StreamStateRow).where(
+                    StreamStateRow.model == model, StreamStateRow.model_version == version,
+                    tuple_(StreamStateRow.metric, StreamStateRow.site, StreamStateRow.subgroup).in_(
+                        [(s.key.metric, s.key.site, s.key.subgroup) for s in changed[i:i + 500]])))
+        if changed:
+            session.execute(insert(StreamStateRow), [_state_row(s) for s in changed])
+        for s in changed:
+            s.stored = True
         days = [p.day for s in monitor.streams.values() for p in s.points.values() if not (incremental and p.stored)]
         if not days:
             continue
