@@ -279,22 +279,9 @@ class BernoulliCusum(_UpperCusum):
         raise ValueError(f"BernoulliCusum takes 0/1 outcomes, got {x!r}")
 
     def update_event(self, event: bool) -> bool:
-        """``update`` for an outcome already known to be 0/1 (``event`` = y == 1), in one call: the hot path of
-        ``monitors.streams``, which checks y once per observation and feeds it to many streams. The same recursion
-        as ``_UpperCusum._step`` with the weight chosen here (tests check the two give identical states)."""
-        if self.drift_detected:
-            self.reset()
-        n = self.n = self.n + 1
-        s = self.statistic + (self._w1 if event else self._w0)
-        if s <= 0.0:
-            s = 0.0
-            self._zero = n
-        self.statistic = s
-        if s > self.threshold:
-            self.drift_detected = True
-            self.change_index = self._zero + 1
-            return True
-        return False
+        """``update`` for an outcome already known to be 0/1 (``event`` = y == 1): the hot path of
+        ``monitors.streams``, which checks y once per observation and feeds it to many streams."""
+        return self._step(self._w1 if event else self._w0)
 
 
 class RiskAdjustedCusum(_UpperCusum):

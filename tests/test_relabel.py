@@ -40,6 +40,17 @@ def _retraction(resource: dict) -> dict:
     return retracted
 
 
+def _lone_positive(feed, run):
+    """(outcome resources by id, a positive case after the baseline decided by one outcome resource, for a subject
+    with one prediction)."""
+    outcomes = {r["id"]: r for kind in ("Condition", "Procedure") for r in _resources(feed, kind)}
+    per_subject = Counter(c.prediction.subject for c in run.cases.values())
+    case = next(c for _, c in sorted(run.cases.items()) if c.label is Label.POSITIVE and len(c.evidence) == 1
+                and c.evidence[0] in outcomes and per_subject[c.prediction.subject] == 1
+                and c.prediction.time > datetime(2026, 4, 1, tzinfo=UTC))
+    return outcomes, case
+
+
 def _fnr_total(result, day) -> int:
     return sum(p.n for m in result.models[MODEL].monitors.values() for s in m.streams.values()
                if s.key.metric == "fnr" and s.key.site == "all" and s.key.subgroup == "all"
@@ -49,12 +60,7 @@ def _fnr_total(result, day) -> int:
 def test_a_retracted_outcome_relabels_its_positive_case_and_corrects_the_stream(feed, tmp_path):
     original = Pipeline(load_settings()).run_paths([feed])
     run = original.models[MODEL]
-    outcomes = {r["id"]: r for kind in ("Condition", "Procedure") for r in _resources(feed, kind)}
-    per_subject = Counter(c.prediction.subject for c in run.cases.values())
-    # a positive case after the baseline, decided by one outcome resource, for a subject with one prediction
-    case = next(c for _, c in sorted(run.cases.items()) if c.label is Label.POSITIVE and len(c.evidence) == 1
-                and c.evidence[0] in outcomes and per_subject[c.prediction.subject] == 1
-                and c.prediction.time > datetime(2026, 4, 1, tzinfo=UTC))
+    outcomes, case = _lone_positive(feed, run)
     (tmp_path / "Retraction.000.ndjson").write_bytes(orjson.dumps(_retraction(outcomes[case.evidence[0]])) + b"\n")
 
     corrected = Pipeline(load_settings()).run_paths([feed, tmp_path / "Retraction.000.ndjson"])
@@ -74,11 +80,7 @@ def test_a_correction_after_the_window_and_grace_closed_is_counted_not_applied(f
     the data-quality record; the case keeps its label and the streams are not touched."""
     original = Pipeline(load_settings()).run_paths([feed])
     run = original.models[MODEL]
-    outcomes = {r["id"]: r for kind in ("Condition", "Procedure") for r in _resources(feed, kind)}
-    per_subject = Counter(c.prediction.subject for c in run.cases.values())
-    case = next(c for _, c in sorted(run.cases.items()) if c.label is Label.POSITIVE and len(c.evidence) == 1
-                and c.evidence[0] in outcomes and per_subject[c.prediction.subject] == 1
-                and c.prediction.time > datetime(2026, 4, 1, tzinfo=UTC))
+    outcomes, case = _lone_positive(feed, run)
     closes = case.prediction.time + run.config.label_window + run.config.label_grace
     late = _retraction(outcomes[case.evidence[0]])
     late["meta"]["lastUpdated"] = (closes + timedelta(hours=6)).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -20,12 +20,12 @@ import orjson
 import pytest
 import yaml
 from sqlalchemy import func, select
+from test_service import FeedSource
 from typer.testing import CliRunner
 
-from ingest import Checkpoint, Message, SubjectKeyer, redact
+from ingest import SubjectKeyer, redact
 from vigil import audit
 from vigil.cli_deadletters import deadletters_app
-from vigil.domain import Position
 from vigil.pipeline import Pipeline
 from vigil.replay import NO_PAYLOAD, REPLAYED, SUMMARY
 from vigil.service import Service
@@ -34,37 +34,7 @@ from vigil.simulator import simulate
 from vigil.store import AuditRow, CaseRow, DeadLetterRow, RunRow, StreamStateRow, session_factory
 
 runner = CliRunner()
-TOPIC = "feed"
 LATE_MODEL = "cta-stenosis"  # not configured at first
-
-
-class FeedSource:
-    """A finite stream of FHIR messages on one partition (the ``Source`` interface, in memory)."""
-
-    def __init__(self, payloads: list[bytes], name: str = "ehr"):
-        self.name, self.payloads, self.next = name, payloads, 0
-
-    def resume(self, checkpoint: Checkpoint) -> None:
-        self.next = checkpoint.offsets.get((TOPIC, 0), 0)
-
-    def poll(self, max_records: int, timeout_s: float) -> list[Message]:
-        chunk = self.payloads[self.next:self.next + max_records]
-        messages = [Message(Position(TOPIC, self.next + i, 0), p) for i, p in enumerate(chunk)]
-        self.next += len(chunk)
-        return messages
-
-    @property
-    def exhausted(self) -> bool:
-        return self.next >= len(self.payloads)
-
-    def checkpoint(self) -> Checkpoint:
-        return Checkpoint(offsets={(TOPIC, 0): self.next})
-
-    def committed(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
