@@ -25,19 +25,21 @@ from vigil.domain import (
     DeviceInfo,
     EncounterInfo,
     Fact,
+    FeedClock,
     Position,
     Prediction,
     SiteInfo,
     SubjectInfo,
 )
 
-Record = SubjectInfo | SiteInfo | DeviceInfo | EncounterInfo | Prediction | Fact
+Record = SubjectInfo | SiteInfo | DeviceInfo | EncounterInfo | Prediction | Fact | FeedClock
 
 MODEL_SYSTEM = "https://vigil.dev/fhir/CodeSystem/model"
 DEVICE_KIND_SYSTEM = "https://vigil.dev/fhir/CodeSystem/device-kind"
 RACE_URL = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"
 ETHNICITY_URL = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity"
 IDENTIFIERS_PRESENT = "identifiers present"
+FEED_CLOCK = "vigil-feed-clock"  # the name of a Parameters resource's parameter that carries the feed's clock
 FETCH_FAILURE_SYSTEM = "https://vigil.dev/fhir/CodeSystem/fetch-failure"
 """Marks the OperationOutcome that stands for a resource an id-only notification named but vigil could not read
 (``ingest.id_only``)."""
@@ -100,6 +102,7 @@ class Decoder:
             "Patient": self._patient,
             "Device": self._device,
             "Organization": self._organization,
+            "Parameters": self._feed_clock,
         }
 
     def decode(self, resource: dict, position: Position) -> Record | DeadLetter | None:
@@ -124,7 +127,8 @@ class Decoder:
             return handler(resource)
         except Rejected as exc:
             return self._dead_letter(resource, position, str(exc))
-        except (AttributeError, TypeError, KeyError, IndexError) as exc:  # an element of the wrong JSON type
+        except (AttributeError, TypeError, KeyError, IndexError, RecursionError) as exc:  # wrong JSON type, or
+            # persons contained in persons deeper than Python's recursion limit
             problem = f"invalid structure ({type(exc).__name__}: {exc}); decode with strict=True to locate the element"
             return self._dead_letter(resource, position, problem)
 
@@ -133,7 +137,10 @@ class Decoder:
     def _dead_letter(self, resource: dict, position: Position, problem: str) -> DeadLetter:
         rtype, rid = resource.get("resourceType"), self._safe_id(resource)
         label = f"{rtype}/{rid}" if rid else f"{rtype} (no id)"
-        payload = orjson.dumps(redact(resource, self.keyer, self._oldest_year)).decode()
+        try:
+            payload: str | None = orjson.dumps(redact(resource, self.keyer, self._oldest_year)).decode()
+        except (RecursionError, orjson.JSONEncodeError):  # nested deeper than a FHIR resource is (orjson: 254)
+            payload, problem = None, f"{problem}; payload not kept: nested too deeply to store"
         return DeadLetter(position, f"{label}: {problem}", rtype if isinstance(rtype, str) else None, rid, payload)
 
     def _safe_id(self, resource: dict) -> str | None:
@@ -148,7 +155,7 @@ class Decoder:
     def _patient(self, r: dict) -> SubjectInfo:
         birth_year = None
         if (birth := r.get("birthDate")) is not None:
-            if not (isinstance(birth, str) and len(birth) >= 4 and birth[:4].isdigit()):
+            if not (isinstance(birth, str) and len(birth) >= 4 and birth[:4].isdecimal()):  # int() reads these
                 raise Rejected("invalid birthDate (must be YYYY, YYYY-MM or YYYY-MM-DD)")
             birth_year = safe_birth_year(birth, self._oldest_year)
         race = ethnicity = None
@@ -158,7 +165,15 @@ class Decoder:
                 race = _omb_category(ext)
             elif url == ETHNICITY_URL:
                 ethnicity = _omb_category(ext)
-        return SubjectInfo(self.keyer.key(f"Patient/{_id(r)}"), birth_year, r.get("gender"), race, ethnicity)
+        return SubjectInfo(self.keyer.key(f"Patient/{_id(r)}"), birth_year, _string(r.get("gender"), "gender"), race,
+                           ethnicity)
+
+    def _feed_clock(self, r: dict) -> FeedClock | None:
+        """A ``Parameters`` resource is used only as the feed's clock (``vigil-feed-clock``); any other is ignored."""
+        for p in _list(r.get("parameter")):
+            if isinstance(p, dict) and p.get("name") == FEED_CLOCK:
+                return FeedClock(_time(p.get("valueInstant"), f"Parameters.parameter({FEED_CLOCK}).valueInstant"))
+        return None
 
     def _organization(self, r: dict) -> SiteInfo:
         name = r.get("name")
@@ -177,9 +192,9 @@ class Decoder:
         return DeviceInfo(
             device_id=_id(r),
             kind=kind,
-            manufacturer=r.get("manufacturer"),
-            model=model,
-            version=versions[0].get("value") if versions else None,
+            manufacturer=_string(r.get("manufacturer"), "manufacturer"),
+            model=_string(model, "deviceName[0].name or modelNumber"),
+            version=_string(versions[0].get("value"), "version[0].value") if versions else None,
             site=reference_id(r.get("owner"), "Organization", conditional=True),
         )
 
@@ -201,6 +216,8 @@ class Decoder:
             raise Rejected(_first_missing(r, ("id", "status", "occurrenceDateTime", "performer")))
         if rid.__class__ is not str:
             raise Rejected("invalid id (must be a string)")
+        if status.__class__ is not str:
+            raise Rejected("invalid status (must be a code)")
         subject = self._subject(r)
         try:
             score = r["prediction"][0]["probabilityDecimal"]
@@ -265,7 +282,8 @@ class Decoder:
             if not (value is None or value.__class__ is float or value.__class__ is int):
                 raise Rejected("invalid valueQuantity.value (must be a number)")
             fact.value = None if value is None else float(value)
-            fact.unit = quantity.get("code") or quantity.get("unit")
+            unit = quantity.get("code") or quantity.get("unit")
+            fact.unit = unit if unit is None or unit.__class__ is str else _string(unit, "valueQuantity.code or unit")
         return fact
 
     def _fact(self, r: dict, time: datetime, status: str) -> Fact:
@@ -274,6 +292,8 @@ class Decoder:
             raise Rejected("missing id")
         if rid.__class__ is not str:
             raise Rejected("invalid id (must be a string)")
+        if status.__class__ is not str:
+            raise Rejected("invalid status (must be a code)")
         codings = self._codings((r.get("code") or _EMPTY).get("coding") or ())
         if not codings:
             raise Rejected("missing code.coding (at least one coding with system and code)")
@@ -378,6 +398,14 @@ def reference_id(reference: object, rtype: str, conditional: bool = False) -> st
     return rest.split("/", 1)[0] or None
 
 
+def _string(value: object, element: str) -> str | None:
+    """A string element (code, unit, name) as sent, None if absent; another JSON type is rejected, so that no
+    later step (units, subgroups, the store) meets a list or an object where it reads text."""
+    if value is None or value.__class__ is str:
+        return value  # type: ignore[return-value]
+    raise Rejected(f"invalid {element} (must be a string, got {type(value).__name__})")
+
+
 def _first_missing(r: dict, elements: tuple[str, ...]) -> str:
     return next(f"missing {e}" for e in elements if not r.get(e))
 
@@ -423,7 +451,7 @@ def _first_code(concept: object) -> str | None:
 def _omb_category(extension: dict) -> str | None:
     for sub in extension.get("extension") or ():
         if sub.get("url") == "ombCategory":
-            return (sub.get("valueCoding") or {}).get("code")
+            return _string((sub.get("valueCoding") or {}).get("code"), f"{extension.get('url')} ombCategory code")
     return None
 
 
@@ -436,14 +464,14 @@ def _outcome_letter(outcome: dict, position: Position) -> DeadLetter:
     that something could not be delivered: a dead letter with its issue codes. Free text (``diagnostics``,
     ``details.text``) is left out of reason and payload alike, since it may quote patient data."""
     issues = []
-    for issue in outcome.get("issue") or ():
+    for issue in _list(outcome.get("issue")):
         if isinstance(issue, dict):
             details = issue.get("details") if isinstance(issue.get("details"), dict) else {}
-            codings = [{"system": c.get("system"), "code": c.get("code")} for c in details.get("coding") or ()
-                       if isinstance(c, dict)]
-            issues.append({"severity": issue.get("severity"), "code": issue.get("code"),
+            codings = [{"system": _text(c.get("system")), "code": _text(c.get("code"))}
+                       for c in _list(details.get("coding")) if isinstance(c, dict)]
+            issues.append({"severity": _text(issue.get("severity")), "code": _text(issue.get("code")),
                            **({"details": {"coding": codings}} if codings else {}),
-                           **({"expression": [without_keyed_id(str(e)) for e in issue["expression"]]}
+                           **({"expression": [without_keyed_id(e) for e in issue["expression"] if isinstance(e, str)]}
                               if isinstance(issue.get("expression"), list) else {})})
     rid = outcome.get("id") if isinstance(outcome.get("id"), str) else None
     payload = orjson.dumps({"resourceType": "OperationOutcome", "issue": issues}).decode()
@@ -454,6 +482,16 @@ def _outcome_letter(outcome: dict, position: Position) -> DeadLetter:
     reason = (f"{label}: server error ({codes}; the server reported that it could not deliver some data — check "
               "the export or search on the server side, then re-request it)")
     return DeadLetter(position, reason, "OperationOutcome", rid, payload)
+
+
+def _list(value: object) -> list:
+    """An element the profile says is a list, or [] when a feed sends something else (reported by the caller)."""
+    return value if isinstance(value, list) else []
+
+
+def _text(value: object) -> str | None:
+    """A code or system kept from an OperationOutcome: strings only (anything else could nest without bound)."""
+    return value if isinstance(value, str) else None
 
 
 def _fetch_failure(issues: list[dict]) -> tuple[str, str | None, str | None] | None:

@@ -125,11 +125,14 @@ class KafkaSource:
     instead of storing results the new owner also produces.
     """
 
+    rewinds_on_resume = True  # ``resume`` may be called again (after a store outage); see its docstring
+
     def __init__(self, config: KafkaSourceConfig, offsets_lookup: OffsetsLookup | None = None,
-                 on_revoke: Callable[[], None] | None = None):
+                 on_revoke: Callable[[], None] | None = None, on_assign: OffsetsLookup | None = None):
         self.name = config.name
         self.config = config
         self.on_revoke = on_revoke
+        self.on_assign = on_assign  # when set, asked instead of offsets_lookup where to seek newly assigned partitions
         self._lookup = offsets_lookup
         self._resumed: dict[Partition, int] = {}
         self._consumer: KafkaConsumer | None = None
@@ -146,8 +149,21 @@ class KafkaSource:
     # --- Source ------------------------------------------------------------------------------------------------
 
     def resume(self, checkpoint: Checkpoint) -> None:
-        """Remember the stored offsets; used for partitions the ``offsets_lookup`` (if any) knows nothing about."""
+        """Remember the stored offsets; used for partitions the ``offsets_lookup`` (if any) knows nothing about.
+
+        Called again on a consumer that already holds partitions (the service restarting from the store after a store
+        outage), every held partition is treated as newly assigned: sought back to its stored offset, with what was
+        handed out since forgotten, and resumed if it was paused because its stored offset could not be read."""
         self._resumed = dict(checkpoint.offsets)
+        held = self._consumer.assignment() if self._consumer is not None else set()
+        if not held:
+            return
+        self._pending.clear()
+        self._exhausted = False
+        self._failure = None
+        self._on_assigned(set(held))
+        if self._failure is None:  # the offsets were read and sought; else the partitions stay paused, poll() raises
+            self._consumer.resume(*held)
 
     def poll(self, max_records: int, timeout_s: float) -> list[Message]:
         consumer = self._open()
@@ -253,17 +269,20 @@ class KafkaSource:
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         self._joined = False  # rejoining: not exhausted until the new assignment has been read
         keys = sorted((tp.topic, tp.partition) for tp in revoked)
+        failed: Exception | None = None
         if self._unstored(keys) and self.on_revoke is not None:
             try:
                 self.on_revoke()  # stores results + checkpoint and calls committed(), while we still own them
             except Exception as exc:  # noqa: BLE001 - kafka-python would swallow it; poll() raises it instead
-                log.error("Kafka source %r: storing before a rebalance failed: %s", self.name, exc)
+                failed = exc
+                log.error("Kafka source %r: storing before a rebalance failed: %s", self.name, _first_line(exc))
         if unstored := self._unstored(keys):
             where = ", ".join(f"{t}[{p}]: {n}" for (t, p), n in unstored.items())
             self._failure = UnstoredWorkRevoked(
                 f"Kafka source {self.name!r}: partitions were reassigned to another consumer while results of "
                 f"polled messages were not stored ({where}); the new owner processes them. Restart from the store "
                 "(set on_revoke to store before a rebalance, or store after every poll)")
+            self._failure.__cause__ = failed  # e.g. the store was down: the service waits for it, then restarts
         for key in keys:
             self._assigned.discard(key)
             for state in (self._next, self._first, self._stored, self._pending):
@@ -273,11 +292,12 @@ class KafkaSource:
         assert self._consumer is not None
         keys = sorted((tp.topic, tp.partition) for tp in assigned)
         try:
-            stored = self._lookup(keys) if self._lookup is not None else {}
+            lookup = self.on_assign or self._lookup
+            stored = lookup(keys) if lookup is not None else {}
         except Exception as exc:  # noqa: BLE001 - kafka-python swallows listener errors: pause, and let poll() raise
             self._failure = StoredOffsetsUnavailable(
                 f"Kafka source {self.name!r}: could not read the stored offsets of newly assigned partitions "
-                f"({exc}); nothing was consumed from them. Check the store, then restart the source")
+                f"({_first_line(exc)}); nothing was consumed from them. Check the store, then restart the source")
             self._failure.__cause__ = exc
             self._consumer.pause(*assigned)
             return
@@ -296,6 +316,13 @@ class KafkaSource:
         self._idle_since = time.monotonic()
         log.info("Kafka source %r: assigned %s", self.name,
                  ", ".join(f"{t}[{p}]@{self._stored[(t, p)] or 0}" for t, p in keys) or "nothing")
+
+
+def _first_line(exc: BaseException) -> str:
+    """An error's first line: SQLAlchemy appends the SQL statement and its parameters on the following lines, which
+    must not reach a log."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 class _Listener(ConsumerRebalanceListener):

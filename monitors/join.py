@@ -93,7 +93,12 @@ class LabelJoin:
         return cases
 
     def advance(self, watermark: datetime) -> list[Case]:
-        """Move the feed's watermark; close every window that has expired (negative unless met)."""
+        """Move the feed's watermark; close every window that has expired (negative unless met).
+
+        A case closed here is labeled at its window's close (or, if its prediction arrived after that, at the
+        watermark it arrived under): a time that does not depend on which later event happened to move the watermark,
+        so a split of the subjects over partitions labels it the same (``vigil.observations``)."""
+        before = self.watermark
         if self.watermark is None or watermark > self.watermark:
             self.watermark = watermark
         cases = []
@@ -101,7 +106,8 @@ class LabelJoin:
             closes, rid = heapq.heappop(self._expiry)
             if self._closes.get(rid) != closes:  # labeled, retracted, or re-versioned with another time since
                 continue
-            case = self._try(self._pending[rid], closed=True)
+            at = closes if before is None or closes > before else before
+            case = self._try(self._pending[rid], closed=True, at=at)
             if case is not None:
                 cases.append(case)
         return cases
@@ -197,21 +203,21 @@ class LabelJoin:
             if not waiting:
                 del self._by_subject[pred.subject]
 
-    def _try(self, pred: Prediction, closed: bool) -> Case | None:
+    def _try(self, pred: Prediction, closed: bool, at: datetime | None = None) -> Case | None:
         result = self.definition.decide(pred.time, self.model.label_window,
                                         self._facts.get(pred.subject, _NO_FACTS), closed)
         if result is None:
             return None
         label, evidence = result
-        return self._emit(pred, label, evidence)
+        return self._emit(pred, label, evidence, at)
 
-    def _emit(self, pred: Prediction, label: Label, evidence: tuple[str, ...]) -> Case:
+    def _emit(self, pred: Prediction, label: Label, evidence: tuple[str, ...], at: datetime | None = None) -> Case:
         self._settle(pred)
         return Case(
             prediction=pred,
             label=label,
             decision=pred.score >= self.model.threshold,
-            labeled_at=self.watermark or pred.time,
+            labeled_at=at or self.watermark or pred.time,
             outcome_definition=self.definition.ref,
             evidence=evidence,
         )

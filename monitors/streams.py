@@ -239,7 +239,11 @@ class StreamMonitor:
     """All streams of one model; observations in, signals out."""
 
     def __init__(self, model: ModelConfig, version: str, cfg: MonitorConfig, subgroups: SubgroupConfig,
-                 start: datetime):
+                 start: datetime, opened: datetime | None = None):
+        """``start``: the day of the version's first prediction; ``opened``: the feed time it was first seen, if
+        later than its baseline period (its predictions were replayed late, e.g. dead letters re-injected once the
+        model was configured): then the baseline stays open for a day of feed after ``opened`` (plus the label
+        window and grace for labeled metrics), so that late history is the baseline rather than too late for it."""
         self.model = model
         self.version = version
         self.cfg = cfg
@@ -248,9 +252,8 @@ class StreamMonitor:
         self.start = start
         self.baseline_end = start + timedelta(days=cfg.baseline_days)
         label_lag = model.label_window + model.label_grace
-        self.complete_at = {
-            m: self.baseline_end + (label_lag if m in LABELED_METRICS else timedelta(0)) for m in self.metrics
-        }
+        closes = max(self.baseline_end, opened + _ONE_DAY) if opened is not None else self.baseline_end
+        self.complete_at = {m: closes + (label_lag if m in LABELED_METRICS else timedelta(0)) for m in self.metrics}
         self.streams: dict[StreamKey, Stream] = {}
         self._buffer: dict[str, list[tuple[str, list[str], float, datetime, float | None]]] = {
             m: [] for m in self.metrics}
@@ -316,6 +319,11 @@ class StreamMonitor:
         else:
             self._buffer[metric].append((site, cells, x, event_time, risk))
         return signals
+
+    @property
+    def next_completion(self) -> datetime | None:
+        """When the next metric's baseline completes (``advance`` then calibrates it); None once all have."""
+        return self._next_completion
 
     def advance(self, watermark: datetime) -> list[Signal]:
         """Complete every metric whose baseline can no longer change, and replay what waited for it."""

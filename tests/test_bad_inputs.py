@@ -170,6 +170,7 @@ def _pipeline_batches(*batches: list[dict]) -> Pipeline:
     for n, batch in enumerate(batches):
         messages = [Message(Position(TOPIC, 10 * n + i, 0), orjson.dumps(r)) for i, r in enumerate(batch)]
         pipeline.ingest(load_messages(messages, pipeline.decoder))
+    pipeline.finish()  # the input ends: stage 2 applies what waits for a later watermark
     return pipeline
 
 

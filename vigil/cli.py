@@ -213,6 +213,10 @@ def run(
     once: Annotated[bool, typer.Option("--once", help="Stop when every source is exhausted (files: after reading).")
                     ] = False,
     commit_every: Annotated[float, typer.Option(help="Seconds between stores of results, offsets and state.")] = 5.0,
+    stage: Annotated[str | None, typer.Option(
+        "--stage", help="Run one stage of the two-stage deployment: 'cases' (the Kafka source → label join → the "
+                        "cases topic) or 'monitor' (the cases topic → streams, detectors, alerts, tickets). Start "
+                        "any number of processes per stage; they share the stage's consumer group.")] = None,
     json: JsonOpt = False,
 ) -> None:
     """The service: consume the configured sources until stopped (Ctrl-C), storing results, offsets and the pipeline
@@ -221,6 +225,9 @@ def run(
     from vigil.service import Service
 
     settings = _settings(config, store)
+    if stage is not None:
+        _run_stage(settings, stage, once, commit_every, json)
+        return
     paths = [p for src in settings.sources if src.kind == "files" for p in src.paths]
     streams = [src for src in settings.sources if src.kind != "files"]
     if not settings.sources:
@@ -260,6 +267,31 @@ def run(
         print_json(summary)
     else:
         console.print(f"{report.messages} messages in {report.commits} commits; {report.restored}")
+
+
+def _run_stage(settings, stage: str, once: bool, commit_every: float, json: bool) -> None:
+    from vigil.stages import StageWorker
+
+    try:
+        worker = StageWorker(settings, stage, commit_every=commit_every)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--stage") from None
+    _warn_demo_key(settings)
+    if not json:
+        err.print(f"vigil run --stage {stage}: consuming {', '.join(worker.config.topics)} in group "
+                  f"{worker.config.group_id} into {settings.store_url} (Ctrl-C stops after storing what was read)")
+    try:
+        report = worker.run(once=once)
+    except KeyboardInterrupt:
+        err.print("[yellow]stopped[/]: a restart resumes after the last stored batch")
+        raise typer.Exit(130) from None
+    summary = {"stage": stage, "messages": report.messages, "commits": report.commits,
+               "published": report.published, "partitions": report.assigned, "restored": report.restored}
+    if json:
+        print_json(summary)
+    else:
+        console.print(f"{report.messages} messages in {report.commits} commits; partitions held at the end: "
+                      f"{', '.join(report.assigned) or 'none'}")
 
 
 # --- alerts and tickets ------------------------------------------------------------------------------------

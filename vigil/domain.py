@@ -99,6 +99,24 @@ class Prediction:
     cells: list[str] = field(default_factory=list)  # the stream cells of those attributes ("all", "sex=female", …)
 
 
+@dataclass(slots=True, frozen=True)
+class FeedClock:
+    """The feed's clock on one partition: everything sent before it was last updated at or before ``time``.
+
+    Sent by the feed's producer to every partition (a FHIR ``Parameters`` with a ``vigil-feed-clock`` instant,
+    ``vigil.keyed_feed.feed_clock``), it moves a partition's watermark when its own patients are quiet — label windows
+    close, stage 2 hears progress — the heartbeat of stream processing (a "punctuation", Tucker et al. 2003)."""
+
+    time: datetime
+    resource_type: str = "Parameters"
+    resource_id: str = "vigil-feed-clock"
+    version_id: str = ""
+
+    @property
+    def received(self) -> datetime:
+        return self.time
+
+
 @dataclass(slots=True)
 class Fact:
     """A clinical fact that may be an outcome: Condition, Procedure or Observation, still in local codes."""

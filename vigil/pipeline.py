@@ -2,8 +2,14 @@
 
 This is the wiring of DESIGN.md §The flow. Reference resources (sites, devices, patients, encounters) are applied
 first; events are then processed in arrival order (``meta.lastUpdated``), which is the feed's watermark: labels
-close and streams complete against it, so the same inputs and config always give the same alerts, whatever the order
-of the input files.
+close against it, so the same inputs and config always give the same alerts, whatever the order of the input files.
+
+The pipeline is stage 1 (ingest, ontology, label join; keyed by subject): what a stream must count leaves it as an
+``Observation`` with a canonical key (``vigil.observations``). In the embedded default (``mode="local"``) they go to
+its own stage 2 (``vigil.stream_stage``) in the same process; with ``mode="cases"`` they wait in ``outbox`` for the
+stage runner (``vigil.stages``) to publish; with ``mode="monitor"`` the pipeline only runs stage 2 on what it
+``receive``s. The embedded default and any split across processes therefore count the same observations in the same
+order.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from monitors.streams import StreamMonitor
 from ontology import ConceptMaps, FactMapper, attributes, cells, definition_for
 from ontology.mapper import code_system_cell
 from ontology.terminology import ServerFallback, TerminologyClient
-from retrain_trigger import AcquisitionChange, Pccp, TicketDraft, TriageContext, load_pccp, plan_tickets
+from retrain_trigger import Pccp, TicketDraft, load_pccp
 from vigil.domain import (
     ALL,
     Case,
@@ -32,13 +38,16 @@ from vigil.domain import (
     DeviceInfo,
     EncounterInfo,
     Fact,
+    FeedClock,
     Label,
     Position,
     Prediction,
     SiteInfo,
     SubjectInfo,
 )
+from vigil.observations import RANK_CLOSED, RANK_CLOSED_LATE, RANK_EVENT, Observation, micros
 from vigil.settings import ModelConfig, Settings
+from vigil.stream_stage import StreamStage
 
 REFERENCE_TYPES = (SiteInfo, DeviceInfo, SubjectInfo, EncounterInfo)
 ENCOUNTER_RETENTION = timedelta(days=365)  # kept beyond the horizon: stays that long still resolve their site
@@ -52,11 +61,11 @@ class ModelRun:
     config: ModelConfig
     join: LabelJoin
     pccp: Pccp | None
-    monitors: dict[str, StreamMonitor] = field(default_factory=dict)  # by model version
+    monitors: dict[str, StreamMonitor] = field(default_factory=dict)  # by model version (stage 2)
     cases: dict[str, Case] = field(default_factory=dict)  # by prediction resource id: corrections replace
     closing: list[tuple[datetime, int, Case]] = field(default_factory=list)  # heap by window close
     unreleased: dict[str, set[str]] = field(default_factory=dict)  # subject → labeled cases still before close
-    scanners: dict[tuple[str, str], datetime] = field(default_factory=dict)  # (site, device) → first use
+    scanners: dict[tuple[str, str], datetime] = field(default_factory=dict)  # (site, device) → first use (stage 2)
     measured: dict[str, datetime] = field(default_factory=dict)  # subject → latest fact its outcome can use
 
     def followed_up(self, pred: Prediction, any_fact: dict[str, datetime]) -> bool:
@@ -106,9 +115,15 @@ class RunResult:
         return [m for run in self.models.values() for _, m in sorted(run.monitors.items())]
 
 
+MODES = ("local", "cases", "monitor")
+
+
 class Pipeline:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, mode: str = "local"):
+        if mode not in MODES:
+            raise ValueError(f"pipeline mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.settings = settings
+        self.mode = mode
         self.decoder = decoder_for(settings)
         self.mapper = FactMapper(ConceptMaps.load(settings.concept_maps), [m.outcome for m in settings.models],
                                  fallback=_terminology(settings))
@@ -135,13 +150,25 @@ class Pipeline:
         self._encounter_starts: list[tuple[datetime, str]] = []  # heap, to forget old encounters
         self._high_water: datetime | None = None  # the latest arrival so far
         self._next_day: datetime | None = None  # midnight after the watermark: daily housekeeping is due then
+        self.streams = StreamStage(settings, self.result)  # stage 2 (modes local and monitor)
+        self.outbox: list[Observation] = []  # what stage 1 emitted and nobody took yet
+        self.out_seq = 0  # sequence number of the next observation emitted (stage 2 drops replayed ones)
+        self._cause: tuple = ()  # canonical key of the event being processed (``vigil.observations``)
+        self._sub = 0  # observations emitted for it so far
 
     # --- entry points ----------------------------------------------------------------------------------
 
     def run_paths(self, paths: Iterable[Path | str], progress=None) -> RunResult:
-        """Read files/directories, decode, and process everything in arrival order."""
+        """Read files/directories, decode, and process everything in arrival order (the input ends there)."""
         with cyclic_gc_paused():  # a batch holds no reference cycles: the collector only re-scans a growing heap
-            return self.ingest(load(list(paths), self.decoder), progress)
+            self.ingest(load(list(paths), self.decoder), progress)
+            return self.finish()
+
+    def finish(self) -> RunResult:
+        """The input ended: stage 2 applies what still waits for a later watermark, and triages."""
+        if self.mode == "local":
+            self.streams.apply_ready(flush=True)
+        return self.result
 
     def ingest(self, loaded: IngestResult, progress=None) -> RunResult:
         """Process what a decoder produced (from files, or one batch of stream messages), in arrival order."""
@@ -164,21 +191,38 @@ class Pipeline:
         events.sort(key=_arrival_order)
         for i, (position, event) in enumerate(events):
             watermark = self._advance(event.received or event.time)  # windows closed before it arrived close first
-            if self._is_duplicate(event) or self._late(event, position):  # a re-delivery is a duplicate, not late
-                continue
+            if isinstance(event, FeedClock) or self._is_duplicate(event) or self._late(event, position):
+                continue  # a clock only moves the watermark; a re-delivery is a duplicate, not late
             self._remember_version(event)
+            self._cause, self._sub = (micros(self._high_water), RANK_EVENT, *_arrival_key(event)), 0
             if isinstance(event, Prediction):
                 self._on_prediction(event, watermark, position)
             else:
                 self._on_fact(event, watermark)
-            self._release_all(watermark)
+            self._release_all(watermark, None)
             if progress is not None and i % 5000 == 0:
                 progress(i, len(events))
         if progress is not None:
             progress(len(events), len(events))
         self.result.unmapped = self.mapper.unmapped_codes
         self.result.terminology_unavailable = self.mapper.terminology_unavailable
-        self._plan_tickets()
+        if self.mode == "local" and self._high_water is not None:
+            self.streams.receive("local", self.take_outbox(), micros(self._high_water), ["local"])
+
+    def receive(self, source: str, numbered: list[tuple[int, Observation]], watermark: int | None,
+                upstream: list[str], end: bool = False) -> None:
+        """Stage 2 (``mode="monitor"``): a batch of observations from one stage-1 partition and its progress."""
+        self.streams.receive(source, numbered, watermark, upstream, end)
+
+    def take_outbox(self) -> list[tuple[int, Observation]]:
+        """Stage 1: the observations emitted since the last call, with their sequence numbers."""
+        batch, self.outbox = self.outbox, []
+        return list(enumerate(batch, start=self.out_seq - len(batch)))
+
+    @property
+    def watermark_micros(self) -> int | None:
+        """Stage 1's promise to stage 2: no observation it emits from now on has ``at`` below this."""
+        return micros(self._high_water) if self._high_water is not None else None
 
     # --- checkpoints -------------------------------------------------------------------------------------
 
@@ -193,7 +237,7 @@ class Pipeline:
         checkpoint stay bounded by the label horizon: daily points older than each model's label window and grace
         (plus a day), and settled cases whose prediction is beyond the horizon (an event about them is ``late``).
         Returns how many points and cases were dropped."""
-        watermark = self._high_water
+        watermark = self._high_water or self.streams.clock  # stage 2 alone knows only its feed clock
         if watermark is None:
             return 0
         dropped = 0
@@ -210,7 +254,7 @@ class Pipeline:
 
     def bind(self, settings: Settings) -> Pipeline:
         """Attach the settings (and a decoder built from them) to a pipeline restored from a checkpoint."""
-        self.settings = settings
+        self.settings = self.streams.settings = settings
         self.decoder = decoder_for(settings)
         self.mapper.fallback = _terminology(settings)
         return self
@@ -297,21 +341,18 @@ class Pipeline:
         encounter = self.encounters.get(pred.encounter or "")
         pred.site = (encounter.site if encounter and encounter.site else None) or "unknown"
         scanner = self.devices.get(pred.scanner_device or "")
-        if scanner is not None:
-            key = (pred.site, scanner.device_id)
-            run.scanners[key] = min(run.scanners.get(key, pred.time), pred.time)
         pred.attributes = attributes(self.subjects.get(pred.subject), scanner, pred.time, self.settings.subgroups)
         pred.cells = cells(pred.attributes, self.settings.subgroups)  # once: every metric of it counts in these
         self._touch(pred.subject, pred.time)
         self._subject_models[pred.subject].add(pred.model_id)
         self._subject_site[pred.subject] = pred.site
-        monitor = self._monitor(run, pred)
-        if not amended:  # the score of a prediction counts once, whatever its versions
-            self._signals(monitor.observe("score_mean", pred.site, pred.cells, pred.score, pred.time,
-                                          watermark))
+        self._emit(Observation(
+            self._key(None, 0), "prediction", pred.model_id, pred.model_version, pred.site, pred.cells, pred.time,
+            score=pred.score, amended=amended,
+            scanner=(scanner.device_id, scanner.manufacturer or "", scanner.model or "") if scanner else None))
         case = run.join.add_prediction(pred)
         if case is not None:
-            self._on_case(run, case, watermark)
+            self._on_case(run, case, watermark, None)
 
     def _on_fact(self, fact: Fact, watermark: datetime) -> None:
         encounter = self.encounters.get(fact.encounter or "")
@@ -322,10 +363,8 @@ class Pipeline:
             _latest(self._followed_up, fact.subject, fact.time)
         coverage = [ALL, code_system_cell(fact)]  # mapping coverage per site, and per site and code system
         for model_id in sorted(self._subject_models.get(fact.subject, ())):
-            run = self.result.models[model_id]
-            for monitor in run.monitors.values():
-                self._signals(monitor.observe("unmapped_rate", fact.site, coverage, float(not of.mapped), fact.time,
-                                              watermark))
+            self._emit(Observation(self._key(None, 0), "fact", model_id, "", fact.site, coverage, fact.time,
+                                   unmapped=not of.mapped))
         correction = fact.status in _CORRECTIONS or fact.version_id not in ("", "1")
         if not of.mapped and not correction:
             return
@@ -339,7 +378,7 @@ class Pipeline:
                 if relevant and fact.status != "entered-in-error":
                     _latest(run.measured, fact.subject, fact.time)
                 for case in run.join.add_fact(of):
-                    self._on_case(run, case, watermark)
+                    self._on_case(run, case, watermark, None)
                 if correction:
                     self._recheck(run, fact.subject, watermark)  # it may undo labels it decided
 
@@ -365,22 +404,23 @@ class Pipeline:
             self.result.corrections["relabeled: outcome amended or retracted"] += 1
             _settled(run, subject, rid)
             if case.label is Label.POSITIVE:
-                run.monitors[pred.model_version].correct("fnr", pred.site, pred.cells, float(not case.decision),
-                                                         None, pred.time)
+                self._emit(Observation(self._key(None, 0), "correct", pred.model_id, pred.model_version, pred.site,
+                                       pred.cells, pred.time, decision=case.decision))
             if new is None:  # waits again; stored as unlabeled until then
                 del run.cases[rid]
                 self.result.unsaved[(pred.model_id, rid)] = Case(pred, None, case.decision, watermark,
                                                                   case.outcome_definition)
             else:
-                self._on_case(run, new, watermark)
+                self._on_case(run, new, watermark, None)
 
-    def _on_case(self, run: ModelRun, case: Case, watermark: datetime) -> None:
+    def _on_case(self, run: ModelRun, case: Case, watermark: datetime, closing: tuple | None) -> None:
         """Feed a labeled case to the streams of its model version.
 
         Positives arrive early (when their outcome is reported) and negatives only when the window closes, so a
         metric that mixes both would see a run of positives first and alarm on the order of arrival, not on the
         device. ``fnr`` (positives only) is observed at once; the mixed metrics (error rate, fpr, outcome rate) wait
         until the case's window has closed and are observed in prediction-time order (``_release``).
+        ``closing``: the canonical key of a case decided by its window's close (None: by the current event).
         """
         pred = case.prediction
         run.cases[pred.resource_id] = case
@@ -388,23 +428,24 @@ class Pipeline:
         if case.label is Label.CENSORED:
             return
         if case.label is Label.POSITIVE:
-            self._signals(run.monitors[pred.model_version].observe(
-                "fnr", pred.site, pred.cells, float(not case.decision), pred.time, watermark))
+            self._emit(Observation(self._key(closing, 0), "positive", pred.model_id, pred.model_version, pred.site,
+                                   pred.cells, pred.time, decision=case.decision))
         closes = pred.time + run.config.label_window + run.config.label_grace
         self._seq += 1
         heapq.heappush(run.closing, (closes, self._seq, case))
         if closes > watermark:  # until then a corrected outcome may still relabel it
             run.unreleased.setdefault(pred.subject, set()).add(pred.resource_id)
 
-    def _release_all(self, watermark: datetime) -> None:
+    def _release_all(self, watermark: datetime, before: datetime | None) -> None:
         for run in self.result.models.values():
-            self._release(run, watermark)
+            self._release(run, watermark, before)
 
-    def _release(self, run: ModelRun, watermark: datetime) -> None:
-        """Observe the mixed metrics of every case whose label window has closed, oldest prediction first.
+    def _release(self, run: ModelRun, watermark: datetime, before: datetime | None) -> None:
+        """Release the mixed metrics of every case whose label window has closed, oldest prediction first.
 
         Runs after the join has closed its windows for this event, so a batch of late negatives and the positives of
-        the same days are interleaved by prediction time, never positives first.
+        the same days are interleaved by prediction time, never positives first. ``before``: the high-water mark
+        before the event being advanced to (then each case is released at its close), or None (by the event).
         """
         while run.closing and run.closing[0][0] <= watermark:
             case = heapq.heappop(run.closing)[2]
@@ -412,18 +453,11 @@ class Pipeline:
             if run.cases.get(pred.resource_id) is not case:  # retracted or relabeled since
                 continue
             _settled(run, pred.subject, pred.resource_id)
-            observe = run.monitors[pred.model_version].observe
-            positive = case.label is Label.POSITIVE
-            cells_ = pred.cells
-            self._signals(observe("error_rate", pred.site, cells_, float(case.decision != positive), pred.time,
-                                  watermark))
-            self._signals(observe("outcome_rate", pred.site, cells_, float(positive), pred.time, watermark))
-            self._signals(observe("calibration_oe", pred.site, cells_, float(positive), pred.time, watermark,
-                                  risk=pred.score))
-            self._signals(observe("no_followup_rate", pred.site, cells_, float(not run.followed_up(pred, self._followed_up)),
-                                  pred.time, watermark))
-            if not positive:
-                self._signals(observe("fpr", pred.site, cells_, float(case.decision), pred.time, watermark))
+            closing = None if before is None else _closing_key(run, pred, before)
+            self._emit(Observation(self._key(closing, 1), "release", pred.model_id, pred.model_version, pred.site,
+                                   pred.cells, pred.time, score=pred.score, decision=case.decision,
+                                   positive=case.label is Label.POSITIVE,
+                                   followed_up=run.followed_up(pred, self._followed_up)))
 
     def _advance(self, watermark: datetime) -> datetime:
         """Move the feed's watermark to this event's arrival and close, release and complete what is due by then.
@@ -431,24 +465,20 @@ class Pipeline:
         The high-water mark (the latest arrival ever) only grows: lateness and forgetting are judged against it, so
         a replayed old resource is ``late`` rather than counted again once its version has been forgotten."""
         self.result.watermark = watermark
-        self._high_water = max(watermark, self._high_water or watermark)
-        new_day = self._next_day is None or watermark >= self._next_day
-        if new_day:
+        before = self._high_water or watermark
+        self._high_water = max(watermark, before)
+        for run in self.result.models.values():
+            for case in run.join.advance(watermark):
+                self._on_case(run, case, watermark, _closing_key(run, case.prediction, before))
+            self._release(run, watermark, before)  # labels whose window and grace closed before this event are final
+        if self._next_day is None or watermark >= self._next_day:  # bounded state, once a day: after the releases,
+            # which read what a subject's facts were by then, however long this partition was quiet before
             self._next_day = watermark.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
             self._forget_versions(self._high_water)
             self._forget_encounters(self._high_water)
             self._forget_subjects(self._high_water)
-        for run in self.result.models.values():
-            for case in run.join.advance(watermark):
-                self._on_case(run, case, watermark)
-            self._release(run, watermark)  # labels whose window and grace closed before this event are final
-            if new_day:  # bounded state: facts too old to label anything still to come
+            for run in self.result.models.values():  # facts too old to label anything still to come
                 run.join.prune_facts(watermark - _fact_horizon(run.config))
-            for monitor in run.monitors.values():
-                self._signals(monitor.advance(watermark))
-        after = self.settings.monitors.auto_resolve_after
-        if new_day and after is not None:
-            self.result.alerts.auto_resolve(watermark, after, self._in_control)
         return watermark
 
     def _touch(self, subject: str, at: datetime) -> None:
@@ -483,55 +513,21 @@ class Pipeline:
 
     # --- helpers ---------------------------------------------------------------------------------------
 
-    def _in_control(self, alert) -> bool:
-        key = alert.signal.stream
-        monitor = self.result.models[key.model].monitors.get(key.version)
-        return monitor is not None and monitor.back_in_control(key)
+    def _key(self, closing: tuple | None, sub: int) -> tuple:
+        """The canonical key of the next observation: of a closing case (``sub`` orders its observations), or
+        of the current event (numbered in emission order)."""
+        if closing is not None:
+            return (*closing, sub)
+        self._sub += 1
+        return (*self._cause, self._sub)
 
-    def _monitor(self, run: ModelRun, pred: Prediction) -> StreamMonitor:
-        """The streams of this prediction's model version: a new version is monitored against its own baseline."""
-        monitor = run.monitors.get(pred.model_version)
-        if monitor is None:
-            start = pred.time.replace(hour=0, minute=0, second=0, microsecond=0)
-            monitor = run.monitors[pred.model_version] = StreamMonitor(
-                run.config, pred.model_version, self.settings.monitors, self.settings.subgroups, start)
-        return monitor
-
-    def _signals(self, signals) -> None:
-        for signal in signals:
-            self.result.alerts.fire(signal)
+    def _emit(self, observation: Observation) -> None:
+        self.outbox.append(observation)
+        self.out_seq += 1
 
     def _reject(self, letter: DeadLetter) -> None:
         self.result.dead_letters.append(letter)
         self.result.rejected[reason_category(letter.reason)] += 1
-
-    def _plan_tickets(self) -> None:
-        """Group each model version's alerts into root causes and classify them against the device's PCCP.
-
-        Planned afresh after every batch from all alerts: a stored ticket is matched to its alerts when persisted.
-        """
-        self.result.tickets = []
-        for model_id, run in sorted(self.result.models.items()):
-            if run.pccp is None:
-                continue
-            for version, monitor in sorted(run.monitors.items()):
-                # every alert, also those since resolved as back in control: each needs its root cause on a ticket
-                alerts = [a for a in self.result.alerts.of(model_id) if a.signal.stream.version == version]
-                if not alerts:
-                    continue
-                ctx = TriageContext(sites=sorted({k.site for k in monitor.streams if k.site != ALL}),
-                                    acquisition_changes=self._acquisition_changes(run, monitor),
-                                    indications_min_age=run.pccp.indications_for_use.population.min_age)
-                self.result.tickets.extend(plan_tickets(alerts, ctx, run.pccp, version))
-
-    def _acquisition_changes(self, run: ModelRun, monitor: StreamMonitor) -> list[AcquisitionChange]:
-        """This model's scanners first used after its baseline period: candidate acquisition-device causes."""
-        changes = []
-        for (site, device_id), first in sorted(run.scanners.items()):
-            if first >= monitor.baseline_end:
-                d = self.devices[device_id]
-                changes.append(AcquisitionChange(site, first, d.manufacturer or "unknown", d.model or "unknown"))
-        return changes
 
 
 def _latest(times: dict[str, datetime], subject: str, at: datetime) -> None:
@@ -578,8 +574,22 @@ def _arrival_order(item: tuple[Position, Prediction | Fact]):
     return (e.received or e.time, e.time, *_identity(e), _version_order(e.version_id))
 
 
-def _identity(event: Prediction | Fact) -> tuple[str, str]:
-    return (event.resource_type if isinstance(event, Fact) else "RiskAssessment", event.resource_id)
+def _arrival_key(e: Prediction | Fact) -> tuple:
+    """``_arrival_order`` as flat integers and strings: the tiebreak of an event's observations on the wire."""
+    return (micros(e.received or e.time), micros(e.time), *_identity(e), *_version_order(e.version_id))
+
+
+def _closing_key(run: ModelRun, pred: Prediction, before: datetime) -> tuple:
+    """Canonical key of a case decided or released because its window (and grace) closed: at the close, before any
+    event of that instant — or, for a prediction that arrived after its close, just after the event it came with
+    (``before``, the high-water mark then): its own observations were emitted there."""
+    closes = pred.time + run.config.label_window + run.config.label_grace
+    at, rank = (closes, RANK_CLOSED) if closes > before else (before, RANK_CLOSED_LATE)
+    return (micros(at), rank, pred.model_id, micros(pred.time), pred.resource_id)
+
+
+def _identity(event: Prediction | Fact | FeedClock) -> tuple[str, str]:
+    return ("RiskAssessment" if isinstance(event, Prediction) else event.resource_type, event.resource_id)
 
 
 def _version_order(version: str) -> tuple[int, str]:

@@ -235,6 +235,7 @@ def _ingest(pipeline, candidates: list[_Decoded]) -> tuple[dict[int, list[str]],
     letters_before, duplicates_before = len(result.dead_letters), sum(result.duplicates.values())
     watermark = result.watermark
     pipeline.ingest(loaded)
+    pipeline.finish()  # the run it joins had ended: its stage 2 applies what the replay emitted
     if watermark is not None and result.watermark is not None and result.watermark < watermark:
         result.watermark = watermark
     rejections: dict[int, list[str]] = {}

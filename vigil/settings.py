@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from alerts.routing import RoutingConfig
@@ -105,6 +105,17 @@ AnySource = Annotated[
 ]
 
 
+class StagesConfig(BaseModel):
+    """The two-stage deployment (``vigil run --stage cases|monitor``, DESIGN.md §The flow): stage 1 consumes the
+    configured Kafka source and publishes observations to ``cases_topic``; stage 2 consumes that topic in its own
+    consumer group. Same brokers and security as the Kafka source."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cases_topic: str = Field("vigil.cases", min_length=1, description="stage 1 → stage 2, keyed by model")
+    monitor_group_id: str = Field("vigil-monitor", min_length=1, description="stage 2's consumer group")
+
+
 class TerminologyServerConfig(FhirHttpConfig):
     """Where the licensed terminology server is, and how hard to try. The auth header value is read from the
     environment variable named by ``auth_env`` (e.g. ``VIGIL_TX_TOKEN='Bearer ...'``), never from the config file.
@@ -135,6 +146,7 @@ class Settings(BaseSettings):
     routing: RoutingConfig = RoutingConfig()
     ticket_feed: TicketFeedConfig | None = Field(
         None, description="publish ticket events to a Kafka topic keyed by device and/or a signed webhook")
+    stages: StagesConfig = StagesConfig()
     terminology: TerminologyServerConfig | None = Field(
         None, description="a licensed FHIR terminology server asked for codes no local ConceptMap covers")
     concept_maps: list[Path] = Field(default_factory=list)
@@ -163,7 +175,7 @@ class Settings(BaseSettings):
         """Hash of what decides the results (models, outcomes, maps, subgroups, monitors, de-identification), not of
         where data comes from or goes: a pipeline checkpoint stays valid when a broker address or receiver changes."""
         blob = self.model_dump_json(exclude={"subject_key", "config_path", "sources", "routing", "store_url",
-                                            "ticket_feed"})
+                                            "ticket_feed", "stages"})
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
