@@ -224,7 +224,8 @@ class Decoder:
         except (KeyError, IndexError, TypeError):
             raise Rejected("missing prediction[0].probabilityDecimal") from None
         if not ((score.__class__ is float or score.__class__ is int) and 0 <= score <= 1):
-            raise Rejected(f"invalid prediction[0].probabilityDecimal {score!r} (must be a number from 0 to 1)")
+            raise Rejected(f"invalid prediction[0].probabilityDecimal {_score_shown(score)} (must be a number from 0 "
+                           "to 1)")
         model_id = None
         for coding in (get("method") or _EMPTY).get("coding") or ():
             if coding.get("system") == MODEL_SYSTEM:
@@ -245,7 +246,7 @@ class Decoder:
         # Positional: 2-3x cheaper than keywords here; test_risk_assessment_decodes_to_a_prediction pins the order.
         return Prediction(
             rid,
-            str(meta.get("versionId") or "1"),
+            _version_id(meta),
             status,
             model_id,
             "",  # model_version: resolved from the model Device by the pipeline
@@ -302,7 +303,7 @@ class Decoder:
         return Fact(
             r["resourceType"],
             rid,
-            str(meta.get("versionId") or "1"),
+            _version_id(meta),
             status,
             self._subject(r),
             self._encounter_ref(r.get("encounter")),
@@ -398,12 +399,34 @@ def reference_id(reference: object, rtype: str, conditional: bool = False) -> st
     return rest.split("/", 1)[0] or None
 
 
+def _version_id(meta: dict) -> str:
+    """``meta.versionId`` as text, "1" if absent. A FHIR id is ASCII (letters, digits, '-' and '.'); a non-ASCII
+    one ("²": ``str.isdigit`` passes it, ``int`` refuses it) is rejected before the pipeline orders versions by it."""
+    version = str(meta.get("versionId") or "1")
+    if version.isascii():
+        return version
+    raise Rejected("invalid meta.versionId (must be a FHIR id: ASCII letters, digits, '-' and '.')")
+
+
 def _string(value: object, element: str) -> str | None:
     """A string element (code, unit, name) as sent, None if absent; another JSON type is rejected, so that no
     later step (units, subgroups, the store) meets a list or an object where it reads text."""
     if value is None or value.__class__ is str:
         return value  # type: ignore[return-value]
     raise Rejected(f"invalid {element} (must be a string, got {type(value).__name__})")
+
+
+def _score_shown(score: object) -> str:
+    """A wrong score as the dead-letter reason shows it: a number from -100 to 100 itself (a percentage, another
+    scale), anything else by its JSON type only — a string or a long number in the score field may be a sender's
+    column mix-up carrying an SSN or MRN (found by scripts/reliability/identifiers.py, issue #9)."""
+    if score.__class__ in (int, float) and -100 <= score <= 100:
+        return repr(score)
+    if score.__class__ in (int, float):
+        return "(a JSON number outside -100 to 100; value not kept)"
+    kind = {str: "string", bool: "boolean", dict: "object", list: "array", type(None): "null"}.get(
+        score.__class__, type(score).__name__)
+    return f"(a JSON {kind}; value not kept)"
 
 
 def _first_missing(r: dict, elements: tuple[str, ...]) -> str:

@@ -31,8 +31,18 @@ KEYED_PREFIX = "vigil-key."
 """Starts the id of a Patient or Encounter that vigil already keyed, in the payloads it stores (dead letters):
 ``vigil-key.<key>.<tag>``, where ``tag`` is an HMAC of the type and key under the same secret, so only a holder of
 the subject key can produce one."""
-FREE_TEXT_ELEMENTS = frozenset({"note", "comment", "patientInstruction"})
-"""Annotation and comment elements: clinicians' free text, which may name anyone — never kept in a stored copy."""
+FREE_TEXT_ELEMENTS = frozenset({"note", "comment", "patientInstruction", "valueString"})
+"""Annotation and comment elements, and string values (``Observation.valueString``, an extension's string): free
+text, which may name anyone — never kept in a stored copy. (scripts/reliability/identifiers.py found a caller's name
+and phone in a dead-lettered Observation.valueString.)"""
+UNREADABLE_BIRTH_DATE = "(not kept: not a FHIR date)"
+"""What a stored copy holds instead of a birth date that is not a FHIR date (it may be one in another format)."""
+NOT_A_NUMBER = "(not kept: not a number)"
+"""What a stored copy holds instead of a numeric element's value that is not a JSON number (a string in
+``prediction[].probabilityDecimal`` may be a sender's column mix-up carrying an SSN: found by
+scripts/reliability/identifiers.py, issue #9). Still no number, so a replayed copy is rejected for the same reason."""
+_NUMERIC_SUFFIXES = ("Decimal", "Integer", "Integer64", "UnsignedInt", "PositiveInt")
+"""FHIR choice-type element names of number type (``probabilityDecimal``, ``valueInteger``)."""
 KEYED_TYPES = ("Patient", "Encounter")
 """Resource types whose ids are keyed wherever they appear: the patient, and the visit (a visit or account number
 identifies a person too — Safe Harbor's "any other unique identifying number")."""
@@ -124,7 +134,7 @@ def _person_identifiers(person: dict, oldest_year: int) -> list[str]:
     if isinstance(birth, str) and birth:
         if len(birth) > 4:
             found.append(FULL_BIRTH_DATE)
-        if birth[:4].isdigit() and int(birth[:4]) < oldest_year:
+        if birth[:4].isdecimal() and int(birth[:4]) < oldest_year:  # isdigit() also passes "²", which int() refuses
             found.append(OVER_89)
     if suspect:
         if person.get("deceasedDateTime"):
@@ -181,12 +191,21 @@ def keyed_reference(reference: str, keyer: SubjectKeyer) -> str:
     return reference
 
 
+def _plain_number(value: object, key: str) -> bool:
+    """A JSON number (not a boolean); for a probability, also one from -100 to 100, as the decoder's reason shows it
+    (a long number in a score field may be an identifier too)."""
+    if value.__class__ not in (int, float):
+        return False
+    return key != "probabilityDecimal" or -100 <= value <= 100
+
+
 def redact(resource: dict, keyer: SubjectKeyer, oldest_year: int | None = None) -> dict:
     """A copy safe to store in a dead letter: no direct identifiers, no narrative, Patient ids and references keyed
     (and marked as keyed, so decoding the copy again gives the same subject key).
 
     Reference displays (often the patient's name), reference identifiers, inline attachment data and free-text notes
-    and comments are dropped too; person ids in an OperationOutcome's ``expression`` are masked.
+    and comments are dropped too; person ids in an OperationOutcome's ``expression`` are masked; a numeric element
+    holding anything but a number (free text) becomes ``NOT_A_NUMBER``.
     """
     oldest_year = oldest_safe_birth_year() if oldest_year is None else oldest_year
     return _redact_value(resource, keyer, oldest_year)
@@ -198,7 +217,10 @@ def _redact_value(value: Any, keyer: SubjectKeyer, oldest_year: int) -> Any:
     if not isinstance(value, dict):
         return value
     person = value.get("resourceType") in PERSON_TYPES
-    is_reference = isinstance(value.get("reference"), str)
+    # a Reference, also a logical one (only identifier and/or display): its display and identifier name the target
+    is_reference = isinstance(value.get("reference"), str) or (
+        ("display" in value or "identifier" in value) and not ("resourceType" in value or "code" in value
+                                                               or "system" in value))
     dropped = _identifying_extensions(value) if person else ()
     out: dict = {}
     for key, item in value.items():
@@ -214,8 +236,13 @@ def _redact_value(value: Any, keyer: SubjectKeyer, oldest_year: int) -> Any:
             out[key] = keyed_reference(item, keyer)
         elif key == "id" and value.get("resourceType") in KEYED_TYPES and isinstance(item, str):
             out[key] = keyer.marked(f"{value['resourceType']}/{item}")
-        elif person and key == "birthDate" and isinstance(item, str) and item[:4].isdigit():
-            out[key] = str(safe_birth_year(item, oldest_year))
+        elif person and key == "birthDate":
+            # a birth date in any other form (04/11/1937) may still be the exact date: replaced by a placeholder that
+            # is no FHIR date either, so the copy is rejected again for the same reason when it is replayed
+            valid = isinstance(item, str) and item[:4].isdecimal()
+            out[key] = str(safe_birth_year(item, oldest_year)) if valid else UNREADABLE_BIRTH_DATE
+        elif key.endswith(_NUMERIC_SUFFIXES) and not _plain_number(item, key):
+            out[key] = NOT_A_NUMBER
         elif key == "expression" and isinstance(item, list):  # OperationOutcome: "Type/id" paths
             out[key] = [without_keyed_id(e) if isinstance(e, str) else e for e in item]
         elif key == "extension" and dropped:

@@ -227,7 +227,17 @@ def _resources_in(value: object, position: Position, entry_lines: bool) -> Itera
     if value["resourceType"] != "Bundle":
         yield position, value
         return
-    for index, entry in enumerate(bundle_entries(value)):
+    if not isinstance(value.get("entry") or [], list):
+        yield DeadLetter(position, f"invalid Bundle.entry (must be a list of entries, got "
+                                   f"{type(value['entry']).__name__}; nothing ingested — fix the sender's Bundle)")
+        return
+    try:
+        entries = bundle_entries(value)
+    except RecursionError:  # reference rewriting walks every element; orjson parses up to 1024 levels
+        yield DeadLetter(position, "invalid Bundle: nested deeper than Python's recursion limit (nothing ingested; "
+                                   "no FHIR resource nests that deep — check the sender)")
+        return
+    for index, entry in enumerate(entries):
         at = Position(position.source, index + 1) if entry_lines else position
         if _is_resource(entry):
             yield at, entry
@@ -247,7 +257,8 @@ def bundle_entries(bundle: dict) -> list[dict | None]:
     FHIR Bundle rules (http://hl7.org/fhir/R4/bundle.html#references): a ``urn:uuid:`` (or absolute) fullUrl names the
     entry; a resource without an id takes the uuid of its ``urn:uuid:`` fullUrl as id, so its referrers still resolve.
     """
-    entries = [e if isinstance(e, dict) else {} for e in bundle.get("entry") or ()]
+    raw = bundle.get("entry")
+    entries = [e if isinstance(e, dict) else {} for e in raw] if isinstance(raw, list) else []
     targets: dict[str, str] = {}
     for entry in entries:
         resource, full_url = entry.get("resource"), entry.get("fullUrl")

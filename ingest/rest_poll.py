@@ -6,11 +6,14 @@ The client is shared by the ``$export`` client (``ingest.bulk_export``). Searche
 
 The query is ``_lastUpdated=ge<cursor>``, not ``gt``: a resource committed later with the very same timestamp as the
 cursor would be lost by ``gt``. The resources already handed out at the cursor's instant are remembered with the cursor
-(by type, id and ``versionId``) and skipped when they come back, so nothing is lost and nothing is counted twice.
+and skipped when they come back, so nothing is lost and nothing is counted twice. They are remembered by a keyed hash
+of (type, id, ``versionId``), never by id: a Patient or Encounter id is an MRN- or visit-number-type identifier (HIPAA
+Safe Harbor, 45 CFR 164.514(b)(2)(i)(R)), and the cursor is stored in the database (``source_cursors``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -27,6 +30,7 @@ import orjson
 from pydantic import BaseModel, Field, field_validator
 
 from ingest.decode import parse_datetime
+from ingest.deid import SubjectKeyer
 from ingest.sources import Checkpoint, Message
 from vigil.domain import Position
 
@@ -71,7 +75,7 @@ def retry_after_seconds(value: str | None, now: datetime | None = None) -> float
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdecimal():  # RFC 9110 delta-seconds: ASCII digits ("²" is isdigit())
         return float(value)
     try:
         when = parsedate_to_datetime(value)
@@ -216,37 +220,70 @@ class RestPollSourceConfig(FhirHttpConfig):
         return since
 
 
+class SeenKeys:
+    """Keyed hashes of (type, id, versionId) for the cursor's seen-set: the subject keyer's HMAC-SHA256 (RFC 2104),
+    so a stored cursor holds no resource id and the same resource gives the same key after a restart.
+
+    Without a keyer (a source built without the settings' subject key) the hash is an unkeyed SHA-256: still no id in
+    the database, but a guessable id could be confirmed by hashing it — pass ``keyer`` (see ``vigil.feeds``).
+    """
+
+    __slots__ = ("_keyer",)
+
+    def __init__(self, keyer: SubjectKeyer | None = None):
+        self._keyer = keyer
+
+    def __call__(self, rtype: str, rid: str, version: str) -> str:
+        text = f"{rtype}/{rid}/_history/{version}"  # a versioned FHIR reference: "/" never occurs inside an id
+        if self._keyer is not None:
+            return self._keyer.key(text)
+        return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
 @dataclass(slots=True)
 class TypeCursor:
     """One resource type's resume point: the newest ``lastUpdated`` handed out and who was handed out at it."""
 
     since: str | None = None
-    at_since: set[tuple[str, str]] = field(default_factory=set)  # (id, versionId) with lastUpdated == since
+    at_since: set[str] = field(default_factory=set)  # SeenKeys of the resources with lastUpdated == since
 
-    def after(self, rid: str, version: str, updated: str | None) -> None:
+    def after(self, seen_key: str, updated: str | None) -> None:
         if updated is None:
             return
         if self.since is None or parse_datetime(updated) > parse_datetime(self.since):
-            self.since, self.at_since = updated, {(rid, version)}
+            self.since, self.at_since = updated, {seen_key}
         elif parse_datetime(updated) == parse_datetime(self.since):
-            self.at_since.add((rid, version))
+            self.at_since.add(seen_key)
 
 
 def encode_cursor(cursors: dict[str, TypeCursor]) -> str:
-    """The ``Checkpoint.cursor`` text: JSON ``{type: {since, at_since: [[id, version], ...]}}``."""
-    return orjson.dumps({t: {"since": c.since, "at_since": sorted(c.at_since)} for t, c in sorted(cursors.items())},
+    """The ``Checkpoint.cursor`` text: JSON ``{type: {since, seen: [keyed hash, ...]}}`` (no resource ids)."""
+    return orjson.dumps({t: {"since": c.since, "seen": sorted(c.at_since)} for t, c in sorted(cursors.items())},
                         ).decode()
 
 
-def decode_cursor(text: str | None) -> dict[str, TypeCursor]:
+def decode_cursor(text: str | None, seen_keys: SeenKeys | None = None) -> dict[str, TypeCursor]:
+    """Read a stored cursor. The old format (``at_since``: raw ``[id, versionId]`` pairs) still loads: its pairs are
+    hashed with ``seen_keys`` on the way in, so the next checkpoint overwrites the raw ids with keys."""
     if not text:
         return {}
+    seen_keys = seen_keys or SeenKeys()
     try:
         raw = orjson.loads(text)
-        return {t: TypeCursor(v.get("since"), {(i, ver) for i, ver in v.get("at_since") or ()}) for t, v in raw.items()}
+        cursors = {}
+        for rtype, value in raw.items():
+            seen = {str(k) for k in value.get("seen") or ()}
+            old = value.get("at_since") or ()
+            if old:
+                log.warning("REST cursor of %s is in the old format (raw ids): %d resource(s) at its instant read as "
+                            "keyed hashes; the next checkpoint stores the new format", rtype, len(old))
+            seen.update(seen_keys(rtype, str(rid), str(ver)) for rid, ver in old)
+            cursors[rtype] = TypeCursor(value.get("since"), seen)
+        return cursors
     except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
-        raise ValueError(f"stored REST cursor is not valid ({exc}): {text[:200]!r}; delete the source's cursor row "
-                         "to start again from `since`") from None
+        # the text is not quoted: an old-format cursor holds raw resource ids
+        raise ValueError(f"stored REST cursor is not valid ({type(exc).__name__}: {exc}); delete the source's row in "
+                         "source_cursors to start again from `since`") from None
 
 
 def cursor_since(resource_types: list[str], since: str) -> str:
@@ -258,7 +295,7 @@ def cursor_since(resource_types: list[str], since: str) -> str:
 class _Pending:
     message: Message
     rtype: str
-    key: tuple[str, str]
+    key: str  # SeenKeys of (type, id, versionId)
     updated: str | None
 
 
@@ -268,11 +305,15 @@ class RestPollSource:
     A cycle searches every configured type and follows ``next`` links to the last page. A cycle that found something
     is followed at once by another (catching up); one that found nothing sets ``exhausted`` (``vigil run --once``)
     and the next starts ``poll_interval_s`` later. The checkpoint covers exactly the messages handed out.
+
+    ``keyer`` (the settings' subject key) keys the cursor's seen-set; see ``SeenKeys``.
     """
 
     def __init__(self, config: RestPollSourceConfig, sleep: Callable[[float], None] = time.sleep,
-                 transport: httpx.BaseTransport | None = None, clock: Callable[[], float] = time.monotonic):
+                 transport: httpx.BaseTransport | None = None, clock: Callable[[], float] = time.monotonic,
+                 keyer: SubjectKeyer | None = None):
         self.name = config.name
+        self.seen_keys = SeenKeys(keyer)
         self.clock = clock
         self.config = config
         self.http = FhirHttp(config, sleep=sleep, transport=transport)
@@ -282,7 +323,7 @@ class RestPollSource:
         self._pending: deque[_Pending] = deque()
         self._type_index = 0
         self._next_url: str | None = None  # inside a search: the next page
-        self._seen: set[tuple[str, str]] = set()  # this search's (id, version): pages may overlap while data changes
+        self._seen: set[str] = set()  # this search's SeenKeys: pages may overlap while data changes
         self._new_in_cycle = 0
         self._idle_until: float | None = None  # between cycles, after one that found nothing
         self._exhausted = False
@@ -290,7 +331,7 @@ class RestPollSource:
     # --- Source ------------------------------------------------------------------------------------------------
 
     def resume(self, checkpoint: Checkpoint) -> None:
-        stored = decode_cursor(checkpoint.cursor)
+        stored = decode_cursor(checkpoint.cursor, self.seen_keys)
         for rtype in self.config.resource_types:
             if rtype in stored:
                 self.cursors[rtype] = stored[rtype]
@@ -318,7 +359,7 @@ class RestPollSource:
         out = []
         while self._pending and len(out) < max_records:
             item = self._pending.popleft()
-            self.cursors[item.rtype].after(*item.key, item.updated)
+            self.cursors[item.rtype].after(item.key, item.updated)
             out.append(item.message)
         return out
 
@@ -377,7 +418,8 @@ class RestPollSource:
             return None
         meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
         updated = meta.get("lastUpdated") if isinstance(meta.get("lastUpdated"), str) else None
-        key = (str(resource.get("id")), str(meta.get("versionId") or ""))
+        key = self.seen_keys(str(resource.get("resourceType")), str(resource.get("id")),
+                             str(meta.get("versionId") or ""))
         if resource.get("resourceType") != rtype:  # _include'd resources do not move this type's cursor
             updated = None
         return _Pending(Message(position, orjson.dumps(resource)), rtype, key, updated)

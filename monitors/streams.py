@@ -449,6 +449,9 @@ class StreamMonitor:
                         designs[s.key] = (r0, values, counts)
                 s.mix = None  # the mix is needed only for the design: bounded memory once active
             eligible = [s for s in streams if s.key in designs]
+        elif metric in RATE_METRICS:  # a rate whose baseline is already at its ceiling (every case an event, e.g.
+            # no follow-up at all) has no room to rise: no chart can be designed for it
+            eligible = [s for s in streams if s.b_n >= self.min_n and _design_rate(s.b_sum, s.b_n) < 1.0]
         else:
             eligible = [s for s in streams if s.b_n >= self.min_n]
         chosen = {id(s) for s in eligible}

@@ -24,12 +24,14 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import re
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import confluent_kafka
 import pytest
 from confluent_kafka import Producer
+from kafka.coordinator.assignors.range import RangePartitionAssignor
 
 _RD_KAFKA_PRODUCER = 0
 
@@ -53,6 +55,8 @@ def _librdkafka() -> ctypes.CDLL:
     lib.rd_kafka_mock_cluster_destroy.argtypes = [ctypes.c_void_p]
     lib.rd_kafka_mock_cluster_bootstraps.restype = ctypes.c_char_p
     lib.rd_kafka_mock_cluster_bootstraps.argtypes = [ctypes.c_void_p]
+    lib.rd_kafka_mock_topic_create.restype = ctypes.c_int
+    lib.rd_kafka_mock_topic_create.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int]
     lib.rd_kafka_mock_group_initial_rebalance_delay_ms.restype = None
     lib.rd_kafka_mock_group_initial_rebalance_delay_ms.argtypes = [ctypes.c_void_p, ctypes.c_int32]
     return lib
@@ -76,6 +80,13 @@ class MockCluster:
             self._lib.rd_kafka_mock_group_initial_rebalance_delay_ms(self._cluster, group_initial_rebalance_delay_ms)
         self.bootstrap: str = self._lib.rd_kafka_mock_cluster_bootstraps(self._cluster).decode()
         self._producer = Producer({"bootstrap.servers": self.bootstrap, "linger.ms": 5})
+
+    def create_topic(self, topic: str, partitions: int) -> None:
+        """Create a topic with ``partitions`` partitions (auto-created topics get 4). The mock keeps about 5 MB per
+        partition and drops the oldest records beyond that, so a long feed needs enough partitions to stay whole."""
+        err = self._lib.rd_kafka_mock_topic_create(self._cluster, topic.encode(), partitions, 1)
+        if err:
+            raise RuntimeError(f"the mock cluster could not create topic {topic!r} (librdkafka error {err})")
 
     def produce(self, topic: str, records: Iterable[tuple[int, bytes | None]]) -> int:
         """Write ``(partition, value)`` records in order (``None`` is a tombstone); returns how many were acked."""
@@ -129,3 +140,18 @@ def quick_mock_cluster() -> Iterator[MockCluster]:
         yield cluster
     finally:
         cluster.close()
+
+
+class MockRangeAssignor(RangePartitionAssignor):
+    """kafka-python's range assignment, handed to the broker 0.5 s late.
+
+    librdkafka's mock completes a SyncGroup round as soon as the leader's assignment arrives and then answers the
+    followers' SyncGroup with INVALID_REQUEST (a real broker hands them their assignment); waiting lets the followers'
+    SyncGroup reach the mock first. A group of one has no followers, so nothing waits. Same protocol name, so it mixes
+    with plain range members."""
+
+    @classmethod
+    def assign(cls, cluster, group_subscriptions):
+        if len(group_subscriptions) > 1:
+            time.sleep(0.5)
+        return super().assign(cluster, group_subscriptions)

@@ -70,7 +70,7 @@ TABLE: dict[str, tuple[Callable[[dict], bytes | dict], str, str]] = {
         ": missing effectiveDateTime"),
     "wrong type: string score": (
         lambda f: _with(f["RiskAssessment"], prediction=[{"probabilityDecimal": "0.7"}]), "invalid value",
-        "invalid prediction[0].probabilityDecimal '0.7' (must be a number from 0 to 1)"),
+        "invalid prediction[0].probabilityDecimal (a JSON string; value not kept) (must be a number from 0 to 1)"),
     "wrong type: string lab value": (
         lambda f: _with(f["Observation"], valueQuantity={"value": "high", "unit": "mg/dL"}), "invalid value",
         "invalid valueQuantity.value (must be a number)"),

@@ -48,9 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 DEPLOY = ROOT / "deploy"
-VIGIL_SERVICES = ("vigil", "vigil-api", "migrate", "dashboards")
-STACK = {"kafka", "postgres", "postgres-roles", "migrate", "dashboards", "grafana", "alertmanager", "vigil",
-         "vigil-api"}
+VIGIL_SERVICES = ("vigil-cases", "vigil-monitor", "vigil-api", "migrate", "dashboards")
+STACK = {"kafka", "postgres", "postgres-roles", "migrate", "dashboards", "grafana", "alertmanager", "vigil-cases",
+         "vigil-monitor", "vigil-api"}
 _VARIABLE = re.compile(r"(?<!\$)\$\{(\w+)")  # ${VAR}, ${VAR:-default}, ${VAR:?error}; not the escaped $${...}
 
 
@@ -142,12 +142,13 @@ def test_services_wait_for_the_health_or_completion_of_what_they_depend_on(resol
                 assert rule["condition"] == "service_completed_successfully", (name, dependency)
             waits += 1
     assert waits >= 9
-    assert services["vigil"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+    for stage in ("vigil-cases", "vigil-monitor"):
+        assert services[stage]["depends_on"]["kafka"]["condition"] == "service_healthy"
     assert services["vigil-api"]["depends_on"]["alertmanager"]["condition"] == "service_healthy"
 
 
 def test_vigil_services_read_the_deploy_config_from_the_repository(resolved: dict) -> None:
-    for name in ("vigil", "vigil-api"):
+    for name in ("vigil-cases", "vigil-monitor", "vigil-api"):
         service = resolved["services"][name]
         command = service["command"]
         container_path = command[command.index("--config") + 1]
@@ -155,9 +156,12 @@ def test_vigil_services_read_the_deploy_config_from_the_repository(resolved: dic
         (source, target, mode), = [m for m in mounts if container_path.startswith(m[1] + "/")]
         assert (Path(source), target, mode) == (DEPLOY, "/etc/vigil", "ro")
         assert (Path(source) / Path(container_path).relative_to(target)).is_file()
-    assert resolved["services"]["vigil"]["command"] == ["run", "--config", "/etc/vigil/vigil.yaml"]
-    # `vigil run` is PID 1: Python ignores SIGTERM there, SIGINT stops it cleanly (KeyboardInterrupt).
-    assert resolved["services"]["vigil"]["stop_signal"] == "SIGINT"
+    for stage in ("cases", "monitor"):  # the two stages, each a consumer group of two replicas
+        service = resolved["services"][f"vigil-{stage}"]
+        assert service["command"] == ["run", "--config", "/etc/vigil/vigil.yaml", "--stage", stage]
+        assert service["deploy"]["replicas"] == 2
+        # `vigil run` is PID 1: Python ignores SIGTERM there, SIGINT stops it cleanly (KeyboardInterrupt).
+        assert service["stop_signal"] == "SIGINT"
 
 
 def test_alertmanager_service_mounts_deploy_config_and_vigil_reaches_it(resolved: dict, no_vigil_env: None) -> None:

@@ -449,3 +449,27 @@ def test_a_fetch_failure_outcome_never_carries_a_person_id_into_the_dead_letter(
 
 def secret_of(where: str) -> str:
     return where.split("/", 1)[1]
+
+
+@pytest.mark.parametrize(
+    ("score", "shown"),
+    [
+        ("987-00-0042", "(a JSON string; value not kept)"),
+        (987000042, "(a JSON number outside -100 to 100; value not kept)"),
+        ({"value": "Jane Roe"}, "(a JSON object; value not kept)"),
+        (True, "(a JSON boolean; value not kept)"),
+        (73, "73"),  # a percentage: harmless, and the clue the sender needs
+    ],
+)
+def test_a_wrong_score_is_named_by_its_json_type_not_its_value(score, shown):
+    """Issue #9: a non-numeric score was quoted (repr) in the dead-letter reason and kept in the redacted payload; a
+    sender's column mix-up can put an SSN or MRN there."""
+    letter = Decoder(KEYER).decode(risk_assessment(prediction=[{"probabilityDecimal": score}]), HERE)
+    assert isinstance(letter, DeadLetter)
+    assert letter.reason == (f"RiskAssessment/ra-17: invalid prediction[0].probabilityDecimal {shown} "
+                             "(must be a number from 0 to 1)")
+    kept = orjson.loads(letter.payload)["prediction"][0]["probabilityDecimal"]
+    assert kept == (score if shown == "73" else "(not kept: not a number)")
+    assert "987" not in letter.payload and "Jane" not in letter.payload
+    replayed = Decoder(KEYER).decode(orjson.loads(letter.payload), HERE)  # the copy is rejected again, same category
+    assert reason_category(replayed.reason) == reason_category(letter.reason) == "invalid value"

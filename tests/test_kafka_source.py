@@ -16,8 +16,7 @@ import threading
 import time
 
 import pytest
-from kafka.coordinator.assignors.range import RangePartitionAssignor
-from kafka_mock import MockCluster, mock_cluster, quick_mock_cluster  # noqa: F401  (fixtures)
+from kafka_mock import MockCluster, MockRangeAssignor, mock_cluster, quick_mock_cluster  # noqa: F401  (fixtures)
 from pydantic import ValidationError
 from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select
 
@@ -44,26 +43,11 @@ counted = Table(  # one row per accepted resource; deliberately no unique key, s
 )
 
 
-class PatientRangeAssignor(RangePartitionAssignor):
-    """kafka-python's range assignment, handed to the broker 0.5 s late.
-
-    librdkafka's mock completes a SyncGroup round as soon as the leader's assignment arrives and then answers the
-    followers' SyncGroup with INVALID_REQUEST (a real broker hands them their assignment); waiting lets the followers'
-    SyncGroup reach the mock first. A group of one has no followers, so nothing waits. Same protocol name, so it mixes
-    with plain range members."""
-
-    @classmethod
-    def assign(cls, cluster, group_subscriptions):
-        if len(group_subscriptions) > 1:
-            time.sleep(0.5)
-        return super().assign(cluster, group_subscriptions)
-
-
 class MockClusterConfig(KafkaSourceConfig):
     """The production config plus the work-around above; everything else as in production."""
 
     def consumer_options(self) -> dict:
-        return {**super().consumer_options(), "partition_assignment_strategy": (PatientRangeAssignor,)}
+        return {**super().consumer_options(), "partition_assignment_strategy": (MockRangeAssignor,)}
 
 
 class Crash(Exception):

@@ -248,3 +248,43 @@ def test_the_api_with_the_metrics_route_still_publishes_its_openapi_schema(tmp_p
     client = TestClient(create_app(url, extra_routers=[metrics_router(url)]))
     schema = client.get("/openapi.json")
     assert schema.status_code == 200 and "/metrics" in schema.json()["paths"]
+
+
+def test_kafka_record_contents_stay_out_of_a_debug_log(root_logging):
+    """Issue #9: kafka-python logs each record it sends at DEBUG ("Sending (key=.. value=..)"), so a root logger at
+    DEBUG wrote forwarded resources to the log. Real producer against librdkafka's mock cluster (tests/kafka_mock.py);
+    the positive control lowers the pin and sees the value appear, so the check is not vacuous."""
+    from kafka import KafkaProducer
+
+    from kafka_mock import MockCluster  # tests/ is on sys.path (no __init__.py)
+
+    stream = io.StringIO()
+    configure_json_logging("DEBUG", stream=stream)
+    logging.getLogger("vigil.ingest").debug("vigil's own debug line")
+    cluster = MockCluster()
+    producer = KafkaProducer(bootstrap_servers=cluster.bootstrap, api_version=(2, 3), acks="all")
+    try:
+        producer.send("fhir.notified", value=b'{"resourceType":"Patient","id":"canary-pinned-4711"}').get(10)
+        logging.getLogger("kafka").setLevel(logging.DEBUG)  # positive control: what the pin prevents
+        producer.send("fhir.notified", value=b'{"resourceType":"Patient","id":"canary-unpinned-4712"}').get(10)
+    finally:
+        logging.getLogger("kafka").setLevel(logging.INFO)
+        producer.close(5)
+        cluster.close()
+    text = stream.getvalue()
+    assert "vigil's own debug line" in text  # the root logger really is at DEBUG
+    assert "canary-unpinned-4712" in text  # kafka-python does log record values at DEBUG
+    assert "canary-pinned-4711" not in text
+
+
+def test_importing_vigil_pins_the_kafka_loggers():
+    """A program that sets the root level itself (the campaign harness, an embedding service) never calls
+    configure_json_logging: importing vigil.observability (which vigil.service and vigil.webhook do) pins the level."""
+    import subprocess
+    import sys
+
+    code = ("import logging; logging.getLogger().setLevel(logging.DEBUG); import vigil.webhook; "
+            "print(logging.getLogger('kafka.producer.kafka').getEffectiveLevel(), "
+            "logging.getLogger('kafka.conn').isEnabledFor(logging.DEBUG))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == [str(logging.INFO), "False"]

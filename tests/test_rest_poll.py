@@ -36,7 +36,7 @@ def _obs(rid: str, updated: str, version: str = "1") -> dict:
 def _source(server: FhirServer, sleeps: list[float], **overrides) -> RestPollSource:
     config = RestPollSourceConfig(name="emr", base_url=server.base_url, **{
         "resource_types": ["Observation"], "page_size": 3, "backoff_s": 0.5, **overrides})
-    return RestPollSource(config, sleep=sleeps.append)
+    return RestPollSource(config, sleep=sleeps.append, keyer=KEYER)
 
 
 def _drain(source: RestPollSource, max_records: int = 100) -> list:
@@ -86,7 +86,8 @@ def test_cursor_resumes_without_losing_or_repeating_the_boundary():
         assert [orjson.loads(m.payload)["id"] for m in _drain(first)] == ["a", "b", "c"]
         stored = first.checkpoint()
         cursor = decode_cursor(stored.cursor)["Observation"]
-        assert (cursor.since, cursor.at_since) == ("2026-02-01T11:00:00Z", {("b", "1"), ("c", "1")})
+        assert (cursor.since, cursor.at_since) == ("2026-02-01T11:00:00Z", {
+            KEYER.key("Observation/b/_history/1"), KEYER.key("Observation/c/_history/1")})
         first.close()
 
         server.add(_obs("d", "2026-02-01T11:00:00Z"), _obs("a", "2026-02-01T12:00:00Z", version="2"))
@@ -189,3 +190,47 @@ def test_retry_after_forms():
     assert retry_after_seconds("Sun, 01 Mar 2026 12:00:30 GMT", now) == 30.0
     assert retry_after_seconds("Sun, 01 Mar 2026 11:00:00 GMT", now) == 0.0
     assert retry_after_seconds("soon", now) is None and retry_after_seconds(None, now) is None
+
+
+def test_the_stored_cursor_holds_keyed_hashes_not_resource_ids():
+    """Issue #9 (scripts/reliability/identifiers.py): the seen-set at the cursor instant used to store raw Patient and
+    Encounter ids in source_cursors. It now holds the subject keyer's HMAC of (type, id, version); another key gives
+    other hashes, so the stored text confirms no guessed id without the secret."""
+    patients = [{"resourceType": "Patient", "id": f"mrn-{n}", "meta": {"versionId": "3",
+                                                                       "lastUpdated": "2026-02-01T11:00:00Z"}}
+                for n in (4711, 4712)]
+    with FhirServer() as server:
+        server.add(*patients)
+        source = _source(server, [], resource_types=["Patient"])
+        assert len(_drain(source)) == 2
+        text = source.checkpoint().cursor
+    assert "mrn-" not in text and "4711" not in text
+    stored = orjson.loads(text)["Patient"]
+    assert stored == {"since": "2026-02-01T11:00:00Z",
+                      "seen": sorted(KEYER.key(f"Patient/mrn-{n}/_history/3") for n in (4711, 4712))}
+    other = RestPollSource(RestPollSourceConfig(name="emr", base_url="https://emr.example.org/fhir",
+                                                resource_types=["Patient"]), keyer=SubjectKeyer("other-secret"))
+    assert other.seen_keys("Patient", "mrn-4711", "3") not in stored["seen"]
+
+
+def test_an_old_format_cursor_still_resumes_and_is_rewritten_without_ids(caplog):
+    """A cursor stored before the fix (``at_since``: raw [id, versionId] pairs) resumes with the same semantics: the
+    resources it names at the cursor instant are not re-read; the next checkpoint holds only keyed hashes."""
+    old = orjson.dumps({"Observation": {"since": "2026-02-01T11:00:00Z", "at_since": [["b", "1"], ["c", "1"]]}})
+    with FhirServer() as server:
+        server.add(_obs("a", "2026-02-01T10:00:00Z"), _obs("b", "2026-02-01T11:00:00Z"),
+                   _obs("c", "2026-02-01T11:00:00Z"), _obs("d", "2026-02-01T11:00:00Z"))
+        source = _source(server, [])
+        with caplog.at_level("WARNING", logger="ingest.rest_poll"):
+            source.resume(Checkpoint(cursor=old.decode()))
+        assert [orjson.loads(m.payload)["id"] for m in _drain(source)] == ["d"]
+        rewritten = source.checkpoint().cursor
+    assert "old format" in caplog.text and '"b"' not in caplog.text
+    assert orjson.loads(rewritten) == {"Observation": {"since": "2026-02-01T11:00:00Z", "seen": sorted(
+        KEYER.key(f"Observation/{rid}/_history/1") for rid in "bcd")}}
+
+
+def test_an_unreadable_cursor_error_does_not_quote_the_stored_text():
+    with pytest.raises(ValueError, match="delete the source's row in source_cursors") as raised:
+        decode_cursor('{"Patient": {"since": "2026-01-01T00:00:00Z", "at_since": [["mrn-4711"]]}}')
+    assert "mrn-4711" not in str(raised.value)

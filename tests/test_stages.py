@@ -34,17 +34,19 @@ from vigil.persist import persist
 from vigil.pipeline import Pipeline
 from vigil.settings import DEFAULT_CONFIG, load_settings
 from vigil.simulator import simulate
-from vigil.store import AlertRow, CaseRow, CheckpointRow, DeadLetterRow, MetricPointRow, StreamStateRow, TicketRow, \
-    session_factory
+from vigil.offsets import offset_key
+from vigil.store import AlertRow, CaseRow, CheckpointRow, DeadLetterRow, MetricPointRow, SourceOffsetRow, \
+    StreamStateRow, TicketRow, session_factory, upgrade
 
 ROOT = Path(__file__).resolve().parent.parent
+PARTITIONS = 12  # the mock keeps ~5 MB per partition: the feed must fit whole
 
 
 @pytest.fixture(scope="module")
 def resources(tmp_path_factory) -> list[dict]:
     """The scanner-upgrade scenario (alerts and a ticket) as one stream in arrival order."""
     out = tmp_path_factory.mktemp("feed")
-    simulate("scanner-upgrade", out, seed=5, days=110, change_day=50, volume=0.5)
+    simulate("scanner-upgrade", out, seed=5, days=90, change_day=30, volume=0.4)
     found = [orjson.loads(line) for path in sorted(out.glob("*.ndjson")) for line in path.read_bytes().splitlines()]
     found.sort(key=lambda r: (subject_of(r) is not None, r.get("meta", {}).get("lastUpdated", ""),
                               r["resourceType"] == "RiskAssessment"))
@@ -83,8 +85,9 @@ def _digest(results) -> dict:
             "streams": streams, "points": points}
 
 
-def _staged_in_process(resources: list[dict], partitions: int, rng: random.Random):
-    """Stage 1 per patient partition, stage 2 per model, batches and interleavings at random."""
+def _staged_in_process(resources: list[dict], partitions: int, rng: random.Random, cases_partitions: int):
+    """Stage 1 per patient partition, stage 2 per cases partition (models hashed onto them, as the stage runner
+    does: several models may share one), batches and interleavings at random."""
     settings = load_settings()
     by_partition: dict[int, list[bytes]] = defaultdict(list)
     for p, payload in route(resources, partitions):
@@ -94,7 +97,8 @@ def _staged_in_process(resources: list[dict], partitions: int, rng: random.Rando
     from vigil.domain import Position
 
     stage1 = {p: Pipeline(settings, mode="cases") for p in by_partition}
-    stage2 = {m.id: Pipeline(settings, mode="monitor") for m in settings.models}
+    stage2 = {p: Pipeline(settings, mode="monitor") for p in range(cases_partitions)}
+    destination = {m.id: partition_for(m.id, cases_partitions) for m in settings.models}
     upstream = [f"fhir:{p}" for p in sorted(stage1)]
     cursors = dict.fromkeys(stage1, 0)
     wire: list[tuple[str, bytes]] = []  # (model or "*", record) in flight to stage 2
@@ -106,24 +110,24 @@ def _staged_in_process(resources: list[dict], partitions: int, rng: random.Rando
         cursors[p] += len(chunk)
         stage = stage1[p]
         stage.ingest(load_messages(messages, stage.decoder))
-        rows_by_model = defaultdict(list)
+        rows_by_destination = defaultdict(list)
         for seq, obs in stage.take_outbox():
-            rows_by_model[obs.model].append((seq, obs))
-        for model, rows in rows_by_model.items():
-            wire.append((model, encode_batch(f"fhir:{p}", rows)))
+            rows_by_destination[destination[obs.model]].append((seq, obs))
+        for d, rows in rows_by_destination.items():
+            wire.append((d, encode_batch(f"fhir:{p}", rows)))
         if rng.random() < 0.3:  # a replay after a crash re-sends what was sent: stage 2 drops it
-            wire += wire[-len(rows_by_model):] if rows_by_model else []
-        for model in stage2:
-            wire.append((model, orjson.dumps({"source": f"fhir:{p}", "watermark": stage.watermark_micros,
-                                              "upstream": upstream})))
+            wire += wire[-len(rows_by_destination):] if rows_by_destination else []
+        for d in stage2:
+            wire.append((d, orjson.dumps({"source": f"fhir:{p}", "watermark": stage.watermark_micros,
+                                          "upstream": upstream})))
         while wire and rng.random() < 0.7:  # deliver some of what is in flight, in order per stage-2 partition
-            model, record = wire.pop(0)
-            _deliver(stage2[model], record)
-    for model, record in wire:
-        _deliver(stage2[model], record)
-    for model in stage2:
+            d, record = wire.pop(0)
+            _deliver(stage2[d], record)
+    for d, record in wire:
+        _deliver(stage2[d], record)
+    for d in stage2:
         for p in stage1:
-            stage2[model].receive(f"fhir:{p}", [], None, upstream, end=True)
+            stage2[d].receive(f"fhir:{p}", [], None, upstream, end=True)
     return list(stage1.values()), list(stage2.values())
 
 
@@ -142,11 +146,12 @@ def _combined(stage1, stage2) -> dict:
     return d
 
 
-@pytest.mark.parametrize("partitions,seed", [(3, 1), (5, 2)])
-def test_split_over_partitions_in_any_interleaving_gives_the_embedded_results(resources, embedded, partitions, seed):
+@pytest.mark.parametrize("partitions,cases_partitions,seed", [(3, 1, 1), (5, 5, 2)])  # models share one; split
+def test_split_over_partitions_in_any_interleaving_gives_the_embedded_results(resources, embedded, partitions,
+                                                                            cases_partitions, seed):
     want = _digest([embedded])
     assert want["alerts"] and want["tickets"], "the scenario must raise alerts and a ticket for this to mean much"
-    stage1, stage2 = _staged_in_process(resources, partitions, random.Random(seed))
+    stage1, stage2 = _staged_in_process(resources, partitions, random.Random(seed), cases_partitions)
     got = _combined(stage1, stage2)
     assert got["cases"] == want["cases"]
     assert got["streams"] == want["streams"]
@@ -235,16 +240,18 @@ def _config(tmp_path: Path, bootstrap: str, url: str) -> Path:
 
 
 def _start(config: Path, stage: str, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "vigil.cli", "run", "--config", str(config), "--stage", stage,
-                             "--once", "--commit-every", "0.5", "--json"],
+    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "stage_process.py"), "run", "--config", str(config),
+                             "--stage", stage, "--once", "--commit-every", "0.5", "--json"],
                             stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "VIGIL_LOG_LEVEL": "INFO"})
 
 
-def _checkpoints(url: str, prefix: str) -> int:
+def _stored_offsets(url: str) -> int:
+    """How many FHIR messages stage 1 has stored results for (the sum of its partitions' stored offsets)."""
     factory = session_factory(url)
     with factory() as s:
-        n = s.scalar(select(func.count()).select_from(CheckpointRow).where(CheckpointRow.name.like(f"{prefix}%")))
+        n = s.scalar(select(func.coalesce(func.sum(SourceOffsetRow.offset), 0))
+                     .where(SourceOffsetRow.source == offset_key("fhir", "fhir")))
     factory.kw["bind"].dispose()
     return n
 
@@ -256,18 +263,21 @@ def test_two_processes_per_stage_one_killed_mid_run_end_with_the_single_process_
     want = _outcome(reference_url)
     assert want["alerts"] and want["tickets"]
 
-    quick_mock_cluster.produce("fhir", route(resources, 4))
+    upgrade(fresh_postgres_url)  # once, as `vigil db upgrade` before a deployment starts its processes
+    quick_mock_cluster.create_topic("fhir", PARTITIONS)
+    records = list(route(resources, PARTITIONS))
+    quick_mock_cluster.produce("fhir", records)
     config = _config(tmp_path, quick_mock_cluster.bootstrap, fresh_postgres_url)
     logs = {name: tmp_path / f"{name}.log" for name in ("c1", "c2", "m1", "m2")}
     procs = {"c1": _start(config, "cases", logs["c1"]), "c2": _start(config, "cases", logs["c2"]),
              "m1": _start(config, "monitor", logs["m1"]), "m2": _start(config, "monitor", logs["m2"])}
-    deadline = time.monotonic() + 240
-    while _checkpoints(fresh_postgres_url, "cases:") < 2 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(random.Random(3).uniform(0.5, 2.0))
-    procs["c1"].send_signal(signal.SIGKILL)  # mid-run: stage 1 has stored some partitions, not all of its feed
+    total = len(records)
+    deadline = time.monotonic() + 300
+    while _stored_offsets(fresh_postgres_url) < total // 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    procs["c1"].send_signal(signal.SIGKILL)  # mid-run: a quarter or more of the feed stored, not all of it
     procs["c1"].wait()
-    killed_at = _outcome(fresh_postgres_url)["cases"]
+    killed_at = _stored_offsets(fresh_postgres_url)
     procs["c1"] = _start(config, "cases", logs["c1"])
     for name, proc in procs.items():
         try:
@@ -277,7 +287,7 @@ def test_two_processes_per_stage_one_killed_mid_run_end_with_the_single_process_
                 p.kill()
             pytest.fail(f"{name} did not finish: {logs[name].read_text()[-3000:]}")
     got = _outcome(fresh_postgres_url)
-    assert 0 < len(killed_at) < len(got["cases"]), "the kill must land mid-run"
+    assert total // 4 <= killed_at < total, "the kill must land mid-run"
     for part in ("cases", "dead_letters", "streams", "points", "alerts", "tickets"):
         assert got[part] == want[part], part
-    assert got["checkpoints"] == 8  # one per partition of each stage: fhir ×4, vigil.cases ×4
+    assert got["checkpoints"] == PARTITIONS + 4  # one per partition of each stage: fhir ×12, vigil.cases ×4

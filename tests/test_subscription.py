@@ -16,6 +16,7 @@ import orjson
 import pytest
 import uvicorn
 from fastapi import FastAPI
+from fastapi.testclient import TestClient
 
 from fhir_server import FhirServer  # tests/ is on sys.path (no __init__.py)
 from ingest import Decoder, SubjectKeyer, load_messages
@@ -25,6 +26,7 @@ from ingest.subscription import (
     NotificationError,
     SubscriptionConfig,
     SubscriptionSource,
+    check_authentication,
     parse_notification,
     subscription_router,
 )
@@ -273,3 +275,141 @@ def test_webhook_over_http(webhook):
     assert "Bundle.type is 'batch'" in broken.json()["issue"][0]["diagnostics"]
     assert [r.type for r in results] == ["handshake", "event-notification"]
     assert [orjson.loads(m.payload)["id"] for m in receiver.poll(10, 0.0)] == ["ra-1"]
+
+
+# --- hostile input (issue #9): refused with a reason, never a crash; refusals and drops logged and counted ---------
+
+
+def _deep_notification(levels: int) -> bytes:
+    """A notification whose focus resource nests ``levels`` objects deep (written as text: orjson.dumps cannot)."""
+    body = r5("event-notification", 1, [(1, "2026-02-01T10:00:00Z", None)],
+              [{"resourceType": "Observation", "id": "deep", "extension": "DEEP"}])
+    return body.replace(b'"DEEP"', b'{"extension":' * levels + b'{"value":1}' + b"}" * levels)
+
+
+def _status_with(**fields) -> bytes:
+    status = {"resourceType": "SubscriptionStatus", "type": "event-notification", "status": "active",
+              "subscription": {"reference": SUB}, **fields}
+    return orjson.dumps({"resourceType": "Bundle", "type": "subscription-notification",
+                         "entry": [{"resource": status}]})
+
+
+@pytest.mark.parametrize(("body", "code", "reason"), [
+    (orjson.dumps({"resourceType": "Bundle", "type": "history", "entry": {"resource": {}}}), "malformed",
+     "Bundle.entry is a JSON object, expected an array"),
+    (_status_with(notificationEvent={"eventNumber": 1}), "malformed",
+     "SubscriptionStatus.notificationEvent is a JSON object"),
+    (_status_with(error="boom"), "malformed", "SubscriptionStatus.error is a JSON string"),
+    (orjson.dumps({"resourceType": "Bundle", "type": "history", "entry": [
+        {"resource": {"resourceType": "Parameters", "parameter": 7}}]}), "malformed",
+     "Parameters.parameter is a JSON number"),
+    (orjson.dumps({"resourceType": "Bundle", "type": "history", "entry": [{"resource": {
+        "resourceType": "Parameters", "parameter": [{"name": "notification-event", "part": "x"}]}}]}), "malformed",
+     "Parameters.parameter.part is a JSON string"),
+    (_deep_notification(300), "too_deep",
+     "entry 2: the Observation resource cannot be re-encoded"),
+    (r5("event-storm", 1), "unknown_type", "unknown notification type 'event-storm'"),
+    (b"{not json", "invalid_json", "invalid JSON"),
+])
+def test_malformed_notifications_are_refused_with_a_code_and_a_reason(body, code, reason):
+    with pytest.raises(NotificationError) as caught:
+        parse_notification(body, FHIR_JSON)
+    assert caught.value.code == code and reason in str(caught.value)
+
+
+def test_odd_but_harmless_values_are_read_not_crashed_on():
+    """What the fuzzer found: '²' passes str.isdigit() but not int(); part names and timestamps of other types."""
+    superscript = r4_backport("event-notification", 1).replace(b'"valueString":"1"', '"valueString":"²"'.encode())
+    assert parse_notification(superscript, FHIR_JSON).events_since_start is None
+    odd_parts = orjson.dumps({"resourceType": "Bundle", "type": "history", "entry": [{"resource": {
+        "resourceType": "Parameters", "parameter": [
+            {"name": "subscription", "valueReference": {"reference": SUB}},
+            {"name": "type", "valueCode": "event-notification"},
+            {"name": "notification-event", "part": [{"name": ["event-number"], "valueString": "5"},
+                                                    {"name": "event-number", "valueString": "3"},
+                                                    {"name": "timestamp", "valueInteger": 20260201}]}]}}]})
+    note = parse_notification(odd_parts, FHIR_JSON)
+    assert [(e.number, e.timestamp) for e in note.events] == [(3, None)]
+    receiver = _receiver()
+    receiver.handle_notification(r5("handshake", 0), FHIR_JSON)
+    mixed = orjson.loads(r5("event-notification", 2, [(1, "2026-02-01T10:00:00Z", None),
+                                                      (2, "2026-02-01T10:01:00Z", None)],
+                          [_ra("ra-1", "2026-02-01T10:00:00Z")]))
+    mixed["entry"][0]["resource"]["notificationEvent"][1]["timestamp"] = 1
+    receiver.handle_notification(orjson.dumps(mixed), FHIR_JSON)
+    assert orjson.loads(receiver.checkpoint().cursor) == {}  # nothing delivered yet
+    receiver.poll(10, 0.0)
+    assert orjson.loads(receiver.checkpoint().cursor)[SUB] == {"last": 2, "timestamp": "2026-02-01T10:00:00Z"}
+
+
+def test_resources_that_go_nowhere_are_logged_and_counted_by_reason(caplog):
+    dropped: list[tuple[str, int]] = []
+    receiver = SubscriptionSource(SubscriptionConfig(name="emr-hook"), on_dropped=lambda c, n: dropped.append((c, n)))
+    ra = _ra("ra-1", "2026-02-01T10:00:00Z")
+    with caplog.at_level("WARNING", logger="ingest.subscription"):
+        receiver.handle_notification(r4_backport("heartbeat", 0, resources=[ra]), FHIR_JSON)
+        event = r4_backport("event-notification", 1, [(1, "2026-02-01T10:00:00Z", None)], [ra])
+        assert len(receiver.handle_notification(event, FHIR_JSON).messages) == 1
+        assert receiver.handle_notification(event, FHIR_JSON).dropped == {"retried_notification": 1}
+        junk = orjson.loads(r4_backport("event-notification", 2, [(2, "2026-02-01T10:01:00Z", None)]))
+        junk["entry"] += [7, {"request": {"method": "PUT"}}]
+        receiver.handle_notification(orjson.dumps(junk), FHIR_JSON)
+    assert dropped == [("not_an_event", 1), ("retried_notification", 1), ("unreadable_entry", 2)]
+    assert ("2 entries of a notification of type event-notification acknowledged but not forwarded "
+            "(unreadable_entry") in caplog.text
+    assert "p1" not in caplog.text and "ra-1" not in caplog.text  # counts and codes only
+
+
+def _app(config: SubscriptionConfig, refused: list[str]) -> TestClient:
+    app = FastAPI()
+    app.include_router(subscription_router(SubscriptionSource(config), on_refused=refused.append))
+    return TestClient(app)
+
+
+def test_refusals_are_logged_with_their_code_not_the_senders_data(monkeypatch, caplog):
+    monkeypatch.setenv("VIGIL_TEST_HOOK_SECRET", "Bearer hook-s3cret")
+    refused: list[str] = []
+    client = _app(SubscriptionConfig(name="emr-hook", secret_env="VIGIL_TEST_HOOK_SECRET"), refused)
+    secret = {"Authorization": "Bearer hook-s3cret", "Content-Type": FHIR_JSON}
+    hostile = orjson.dumps({"resourceType": "Bundle", "type": "MRN-0042-SMITH", "entry": []})
+    with caplog.at_level("WARNING", logger="ingest.subscription"):
+        answers = [client.post("/fhir/subscription", content=hostile, headers=secret),
+                   client.post("/fhir/subscription", content=hostile, headers={**secret, "Authorization": "guess"}),
+                   client.post("/fhir/subscription", content=_status_with(error={"a": 1}), headers=secret)]
+    assert [a.status_code for a in answers] == [400, 401, 400]
+    assert all(a.headers["content-type"] == FHIR_JSON for a in answers)
+    assert "MRN-0042-SMITH" in answers[0].json()["issue"][0]["diagnostics"]  # the sender learns what was wrong
+    assert refused == ["not_a_notification", "unauthorized", "malformed"]
+    assert caplog.text.count("refused a notification") == 3 and "MRN-0042-SMITH" not in caplog.text
+    assert "HTTP 401 (unauthorized: missing or wrong secret header)" in caplog.text
+
+
+def test_a_webhook_without_a_secret_refuses_everything_unless_explicitly_opened_for_testing(caplog):
+    config = SubscriptionConfig(name="emr-hook")
+    assert check_authentication(config) is not None
+    assert "source 'emr-hook'" in check_authentication(config) and "set secret_env" in check_authentication(config)
+    refused: list[str] = []
+    answer = _app(config, refused).post("/fhir/subscription", content=r5("handshake", 0),
+                                        headers={"Content-Type": FHIR_JSON})
+    assert answer.status_code == 401 and answer.json()["issue"][0]["code"] == "security"
+    assert refused == ["no_secret_configured"] and "refuses every notification" in caplog.text
+    opened = SubscriptionConfig(name="local-test", allow_unauthenticated=True)
+    assert check_authentication(opened) is None
+    assert _app(opened, refused).post("/fhir/subscription", content=r5("handshake", 0),
+                                      headers={"Content-Type": FHIR_JSON}).status_code == 200
+
+
+def test_the_openapi_document_declares_the_body_and_every_answer():
+    app = FastAPI()
+    open_for_test = SubscriptionConfig(name="t", allow_unauthenticated=True)
+    app.include_router(subscription_router(SubscriptionSource(open_for_test)))
+    post = app.openapi()["paths"]["/fhir/subscription"]["post"]
+    assert set(post["responses"]) == {"200", "400", "401"}
+    for status in ("400", "401"):
+        schema = post["responses"][status]["content"][FHIR_JSON]["schema"]
+        assert schema["properties"]["resourceType"]["enum"] == ["OperationOutcome"]
+    assert post["requestBody"]["required"] and FHIR_JSON in post["requestBody"]["content"]
+    from vigil.observability import metrics_router
+
+    app.include_router(metrics_router())
+    assert set(app.openapi()["paths"]["/metrics"]["get"]["responses"]) >= {"200", "401", "403"}

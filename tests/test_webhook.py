@@ -12,6 +12,9 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from kafka import KafkaConsumer, KafkaProducer
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from typer.testing import CliRunner
 from fhir_server import FhirServer, Recorded
 from kafka_mock import MockCluster, mock_cluster  # noqa: F401 (fixture)
 from test_subscription import FHIR_JSON, _obs, _ra, r4_backport
@@ -21,20 +24,29 @@ from ingest.id_only import IdOnlyFetcher
 from ingest.rest_poll import FhirHttpConfig
 from ingest.subscription import SubscriptionConfig
 from vigil.domain import Position
+from vigil.observability import IngestMetrics
 from vigil.webhook import FETCH, SubscriptionForwarder
 
 TOPIC = "fhir.notified"
+SECRET_ENV, SECRET = "VIGIL_TEST_WEBHOOK_SECRET", "Bearer webhook-s3cret"
+
+
+@pytest.fixture(autouse=True)
+def _secret(monkeypatch):
+    """The route reads its secret from the environment when it is built (Subscription.channel.header's value)."""
+    monkeypatch.setenv(SECRET_ENV, SECRET)
 
 
 def _config(bootstrap: str) -> SubscriptionConfig:
     return SubscriptionConfig(name="emr-hook", path="/fhir/subscription", forward_bootstrap_servers=bootstrap,
-                              forward_topic=TOPIC, resource_types=["RiskAssessment", "Observation"])
+                              forward_topic=TOPIC, resource_types=["RiskAssessment", "Observation"],
+                              secret_env=SECRET_ENV)
 
 
-def _client(forwarder: SubscriptionForwarder) -> TestClient:
+def _client(forwarder: SubscriptionForwarder, raise_server_exceptions: bool = True) -> TestClient:
     app = FastAPI()
     app.include_router(forwarder.router())
-    return TestClient(app)
+    return TestClient(app, headers={"Authorization": SECRET}, raise_server_exceptions=raise_server_exceptions)
 
 
 def _consume(bootstrap: str, n: int) -> list:
@@ -83,7 +95,7 @@ def test_a_topic_that_cannot_be_written_answers_500_so_the_server_retries(mock_c
             pass
 
     forwarder = SubscriptionForwarder(_config(mock_cluster.bootstrap), Unwritable())
-    client = TestClient(_client(forwarder).app, raise_server_exceptions=False)
+    client = _client(forwarder, raise_server_exceptions=False)
     answer = client.post("/fhir/subscription", headers={"Content-Type": FHIR_JSON}, content=r4_backport(
         "event-notification", 1, [(1, "2026-02-01T10:00:00Z", "RiskAssessment/ra-1")],
         [_ra("ra-1", "2026-02-01T10:00:00Z")]))
@@ -208,3 +220,43 @@ def test_id_only_without_a_server_to_read_from_is_logged_not_guessed(mock_cluste
     assert answer.status_code == 200 and (forwarder.fetched, forwarder.forwarded) == (0, 0)
     assert "no catch_up_base_url is set" in caplog.text
     forwarder.close()
+
+
+def test_refusals_and_drops_are_counted_on_the_metrics_of_vigil_serve(mock_cluster: MockCluster):
+    """Each 4xx and each acknowledged-but-unforwarded entry increments ``vigil_webhook_refused_total`` /
+    ``vigil_webhook_dropped_total`` with a fixed-vocabulary reason, read back from the Prometheus exposition."""
+    registry = CollectorRegistry()
+    forwarder = SubscriptionForwarder(_config(mock_cluster.bootstrap),
+                                      KafkaProducer(bootstrap_servers=mock_cluster.bootstrap, acks="all",
+                                                    api_version=(2, 3)), metrics=IngestMetrics(registry))
+    client = _client(forwarder)
+    url = "https://emr.example.org/fhir/RiskAssessment/ra-9"
+    headers = {"Content-Type": FHIR_JSON}
+    answers = [client.post("/fhir/subscription", content=b"{", headers=headers),
+               client.post("/fhir/subscription", content=b"{}", headers={**headers, "Authorization": "guess"}),
+               client.post("/fhir/subscription", content=r4_backport("handshake", 0), headers=headers),
+               client.post("/fhir/subscription", headers=headers, content=r4_backport(
+                   "event-notification", 1, [(1, "2026-02-01T10:01:00Z", url)], id_only=[url]))]
+    assert [a.status_code for a in answers] == [400, 401, 200, 200]
+    exposition = generate_latest(registry).decode()
+    samples = {(s.name, s.labels.get("reason")): s.value for family in text_string_to_metric_families(exposition)
+               for s in family.samples if s.name.startswith("vigil_webhook_")}
+    assert samples[("vigil_webhook_refused_total", "invalid_json")] == 1
+    assert samples[("vigil_webhook_refused_total", "unauthorized")] == 1
+    assert samples[("vigil_webhook_refused_total", "too_deep")] == 0  # every reason exists from the start
+    assert samples[("vigil_webhook_dropped_total", "id_only_unfetchable")] == 1
+    forwarder.close()
+
+
+def test_vigil_serve_refuses_to_start_with_a_webhook_without_a_secret(tmp_path, monkeypatch):
+    """The real `vigil serve` command: it exits before listening, naming the source and what to set."""
+    from vigil.cli import app
+
+    config = tmp_path / "vigil.yaml"
+    config.write_text(f"store_url: sqlite:///{tmp_path / 'vigil.db'}\nsources:\n"
+                      "  - {kind: fhir-subscription, name: emr-hook, forward_bootstrap_servers: '127.0.0.1:9',"
+                      " forward_topic: fhir.notified}\n")
+    result = CliRunner().invoke(app, ["serve", "--config", str(config), "--port", "1"])
+    assert result.exit_code == 2, result.output
+    assert "source 'emr-hook'" in result.output and "set secret_env" in result.output
+    assert "allow_unauthenticated: true" in result.output

@@ -2,7 +2,8 @@
 
 Every call except ``GET /healthz`` needs ``Authorization: Bearer <token>`` (RFC 6750; create tokens with
 `vigil tokens create`). Missing or invalid credentials get 401 with ``WWW-Authenticate: Bearer``; a valid token whose
-role lacks the permission gets 403 naming the roles that have it (``vigil.auth.ROLE_PERMISSIONS``).
+role lacks the permission gets 403 naming the roles that have it (``vigil.auth.ROLE_PERMISSIONS``) — also when the
+body or a parameter is malformed: the caller is checked before the request is (``_refusal``).
 
 Every read of alerts, comments or tickets appends an ``api.read`` entry to the hash-chained audit log in the same
 transaction as the read — who (token name and role), which entity, when — the access record HIPAA asks for
@@ -25,11 +26,15 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, status
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retrain_trigger.fhir_task import TaskValidationError, ticket_to_task
 from retrain_trigger.lifecycle import NEXT_STATES, deployable
@@ -52,6 +57,9 @@ from vigil.store import (
 
 REALM = "vigil"
 MAX_PAGE = 500
+MAX_OFFSET = 1_000_000_000
+"""Largest ``offset``: far beyond any store, and well inside the 64-bit integers SQLite and PostgreSQL bind (a larger
+one made SQLite raise OverflowError, a 500, found by the API reliability campaign)."""
 
 # --- response and request models (pydantic v2: the documented contract) -------------------------------------------
 
@@ -283,7 +291,7 @@ TicketStatusFilter = StrEnum("TicketStatusFilter", {s: s for s in TICKET_STATUSE
 CategoryFilter = StrEnum("CategoryFilter", {s: s for s in PCCP_CATEGORIES})
 
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description=f"Page size (at most {MAX_PAGE}).")]
-Offset = Annotated[int, Query(ge=0, description="Items to skip.")]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description=f"Items to skip (at most {MAX_OFFSET:,}).")]
 AlertId = Annotated[str, Path(description="Alert id.", examples=["A-000001"], max_length=16)]
 TicketId = Annotated[str, Path(description="Ticket id.", examples=["T-000001"], max_length=16)]
 
@@ -300,6 +308,7 @@ TICKET_CONFLICT = {"model": TicketConflictOut,
                    "description": "The ticket's lifecycle or its PCCP does not allow this now (wrong status, a "
                                   "criterion missing or unknown, a remedy the PCCP does not cover, no PCCP "
                                   "configured for the model); the message says what to do."}
+BAD_BODY = {"model": ErrorOut, "description": "The body could not be parsed (e.g. it is not UTF-8): send JSON."}
 UNPROCESSABLE = {"description": "A malformed body or parameter, or the model's PCCP file is invalid (FastAPI's "
                                 "validation shape: `detail` is a list of `{loc, msg, type}`)."}
 AUTH_ERRORS: dict[int | str, dict[str, Any]] = {401: UNAUTHORIZED, 403: FORBIDDEN}
@@ -338,7 +347,36 @@ def require(permission: Permission) -> Callable[[Principal], Principal]:
                                 f"this needs one of the roles: {', '.join(roles_with(permission))}")
         return principal
 
+    dependency.permission = permission  # type: ignore[attr-defined]  # for _refusal and scripts/reliability/api.py
     return dependency
+
+
+def _dependency_calls(dependant: Any) -> Iterator[Callable[..., Any]]:
+    for sub in dependant.dependencies:
+        if sub.call is not None:
+            yield sub.call
+        yield from _dependency_calls(sub)
+
+
+async def _refusal(request: Request) -> JSONResponse | None:
+    """The 401/403 a request deserves, or None when its caller may call the route.
+
+    FastAPI parses a JSON body before it runs dependencies, so a malformed body would be answered 422 or 400 before a
+    missing or revoked token is. The validation handlers ask this first: an unauthenticated caller learns only that it
+    must authenticate (deny by default, OWASP ASVS v4 §4.1.5; RFC 6750 §3.1).
+    """
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    calls = list(_dependency_calls(dependant)) if dependant is not None else []
+    if authenticated not in calls:
+        return None
+    try:
+        principal = await run_in_threadpool(authenticated, request, await _bearer(request))
+        for call in calls:
+            if getattr(call, "permission", None) is not None:
+                call(principal)
+    except HTTPException as exc:
+        return await http_exception_handler(request, exc)
+    return None
 
 
 Reader = Annotated[Principal, Depends(require(Permission.READ_ALERTS))]
@@ -395,6 +433,18 @@ def create_app(store_url: str, *, extra_routers: Iterable[APIRouter] = (),
     app.state.sessions = sessions
     app.state.settings = settings if settings is not None else load_settings()
     app.state.authenticators = tuple(authenticators) if authenticators is not None else (TokenAuthenticator(sessions),)
+
+    @app.exception_handler(RequestValidationError)
+    async def _malformed(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return await _refusal(request) or await request_validation_exception_handler(request, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Any:
+        if exc.status_code == status.HTTP_400_BAD_REQUEST:  # FastAPI's "error parsing the body": auth first too
+            refusal = await _refusal(request)
+            if refusal is not None:
+                return refusal
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(alert_actions.AlertNotFound)
     async def _not_found(_request: Request, exc: alert_actions.AlertNotFound) -> JSONResponse:
@@ -534,13 +584,14 @@ def _alerts_router() -> APIRouter:
         return notes
 
     transition_errors: dict[int | str, dict[str, Any]] = {404: NOT_FOUND, 409: CONFLICT}
+    body_errors = {**transition_errors, 400: BAD_BODY}
 
     def _done(t: alert_actions.Transition) -> TransitionOut:
         return TransitionOut(alert_id=t.alert.id, action=t.action, from_state=AlertState(t.from_state),
                              to_state=AlertState(t.to_state), by=t.by, at=t.at, alert=AlertOut.of(t.alert, t.at))
 
     @router.post("/{alert_id}/ack", summary="Acknowledge an alert", response_model=TransitionOut,
-                 responses=transition_errors,
+                 responses=body_errors,
                  description="Allowed from firing or silenced (acknowledging ends a silence). Records the token's "
                              "name, the time and the optional comment on the alert and in the audit log.")
     def ack(request: Request, principal: Actor, alert_id: AlertId, body: NoteIn | None = None) -> TransitionOut:
@@ -550,7 +601,7 @@ def _alerts_router() -> APIRouter:
         return _done(t)
 
     @router.post("/{alert_id}/resolve", summary="Resolve an alert", response_model=TransitionOut,
-                 responses=transition_errors,
+                 responses=body_errors,
                  description="Allowed from firing, acknowledged or silenced; resolved is final (a new firing of the "
                              "stream opens a new alert).")
     def resolve(request: Request, principal: Actor, alert_id: AlertId, body: NoteIn | None = None) -> TransitionOut:
@@ -560,7 +611,7 @@ def _alerts_router() -> APIRouter:
         return _done(t)
 
     @router.post("/{alert_id}/silence", summary="Silence an alert for a time", response_model=TransitionOut,
-                 responses=transition_errors,
+                 responses=body_errors,
                  description=f"Time-boxed: give `until` (in the future, at most {alert_actions.MAX_SILENCE.days} "
                              "days ahead) or `duration`, and a `reason`. Allowed from firing, acknowledged or "
                              "silenced (replaces the earlier silence). When the silence ends the alert is firing "
@@ -586,7 +637,7 @@ def _alerts_router() -> APIRouter:
         return _done(t)
 
     @router.post("/{alert_id}/comments", summary="Comment on an alert", response_model=CommentOut,
-                 status_code=status.HTTP_201_CREATED, responses={404: NOT_FOUND},
+                 status_code=status.HTTP_201_CREATED, responses={404: NOT_FOUND, 400: BAD_BODY},
                  description="Allowed in every state, resolved included. Stored with the token's name and recorded "
                              "in the audit log.")
     def add_comment(request: Request, principal: Actor, alert_id: AlertId, body: CommentIn) -> CommentOut:
@@ -694,7 +745,7 @@ def _tickets_router() -> APIRouter:
                       lambda s: ticket_actions.start(s, ticket_id, principal.name, context=_context(principal)))
 
     @router.post("/{ticket_id}/acceptance", summary="Record the Modification Protocol's acceptance result",
-                 response_model=TicketActionOut, responses={**action_errors, 422: UNPROCESSABLE},
+                 response_model=TicketActionOut, responses={**action_errors, 400: BAD_BODY, 422: UNPROCESSABLE},
                  description="in_progress → acceptance_recorded. A pass must report every criterion of the matched "
                              "PCCP modification and keeps the ticket C2 (deployable); a fail must mark the failed "
                              "criteria and makes it C2-F: recorded, never implemented (pccp.md §8.4 R6, S3 "
@@ -708,7 +759,7 @@ def _tickets_router() -> APIRouter:
                           evidence_ref=body.evidence_ref, context=_context(principal)))
 
     @router.post("/{ticket_id}/close", summary="Close a ticket", response_model=TicketActionOut,
-                 responses={**action_errors, 422: UNPROCESSABLE},
+                 responses={**action_errors, 400: BAD_BODY, 422: UNPROCESSABLE},
                  description="From open, in_progress or acceptance_recorded; closed is final. The comment is kept on "
                              "the ticket (evidence.closure) and in the audit log.")
     def close(request: Request, principal: TicketActor, ticket_id: TicketId, body: CloseIn) -> TicketActionOut:
@@ -717,7 +768,7 @@ def _tickets_router() -> APIRouter:
                                                      context=_context(principal)))
 
     @router.post("/{ticket_id}/reclassify", summary="Reclassify a ticket with another remedy",
-                 response_model=TicketActionOut, responses={**action_errors, 422: UNPROCESSABLE},
+                 response_model=TicketActionOut, responses={**action_errors, 400: BAD_BODY, 422: UNPROCESSABLE},
                  description="Re-runs the PCCP classifier (pccp.md §8.4 R0–R9) on the ticket's stored evidence with "
                              "the proposed remedy, against the PCCP the configuration names for the model. The new "
                              "category, rule trace and required actions replace the old ones and the ticket returns "

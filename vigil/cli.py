@@ -15,6 +15,7 @@ from vigil import audit
 from vigil.cli_common import ConfigOpt, JsonOpt, StoreOpt, console, err, existing_store, print_json, store_url
 from vigil.settings import DEFAULT_CONFIG, Settings, load_settings
 from vigil.store import session_factory, upgrade
+from vigil.store_outage import SourceCannotRewind, StoreUnavailable
 
 app = typer.Typer(help="vigil: post-market performance monitoring for AI medical devices.", no_args_is_help=True)
 
@@ -250,7 +251,7 @@ def run(
         raise typer.BadParameter("only fhir-subscription sources are configured: `vigil serve` receives them and "
                                  "forwards their resources to their forward_topic; add a kafka source on that topic",
                                  param_hint="--config")
-    service = Service(settings, sources, commit_every=commit_every)
+    service = Service(settings, sources, commit_every=commit_every, retry=settings.store_retry)
     if not json:
         err.print(f"vigil run: consuming {', '.join(s.name for s in sources)} into {settings.store_url} "
                   "(Ctrl-C stops after storing what was read)")
@@ -259,10 +260,14 @@ def run(
     except KeyboardInterrupt:  # the final commit did not run; the last stored transaction is where a restart resumes
         err.print("[yellow]stopped[/]: a restart resumes after the last stored batch")
         raise typer.Exit(130) from None
+    except (SourceCannotRewind, StoreUnavailable) as exc:  # the store went away: a restart resumes from it
+        err.print(f"[red]vigil run stopped[/]: {exc}")
+        raise typer.Exit(75) from None  # EX_TEMPFAIL: a supervisor should start it again
     finally:
         factory.kw["bind"].dispose()
     summary = {"restored": report.restored, "messages": report.messages, "commits": report.commits,
-               "checkpoint_bytes": report.checkpoint_bytes, "run_id": report.run_id}
+               "checkpoint_bytes": report.checkpoint_bytes, "run_id": report.run_id, "outages": report.outages,
+               "outage_seconds": round(report.outage_seconds, 3), "reread": report.reread}
     if json:
         print_json(summary)
     else:

@@ -41,11 +41,13 @@ def serve(
 ) -> None:
     """Serve the REST API (OpenAPI docs at /docs): alerts, tickets, audit verify; bearer tokens with roles; /metrics;
     the FHIR subscription endpoints of ``fhir-subscription`` sources (resources forwarded to Kafka for `vigil run`).
-    With receivers under ``routing:``, also delivers the notification outbox (retries, escalation)."""
+    With receivers under ``routing:``, also delivers the notification outbox (retries, escalation).
+    Refuses to start (exit 2) if a subscription source has no ``secret_env`` (see
+    ``ingest.subscription.check_authentication``)."""
     import uvicorn
     from fastapi import Depends
 
-    from ingest.subscription import SubscriptionConfig
+    from ingest.subscription import SubscriptionConfig, check_authentication
     from vigil import notify, ticket_feed
     from vigil.api import create_app, require
     from vigil.auth import Permission
@@ -53,6 +55,15 @@ def serve(
     from vigil.webhook import SubscriptionForwarder
 
     settings = load_settings(config, store_url=store)
+    hooks = [src for src in settings.sources if isinstance(src, SubscriptionConfig)]
+    if refused := [reason for src in hooks if (reason := check_authentication(src))]:
+        for reason in refused:
+            err.print(f"[red]error[/]: {config}: {reason}", highlight=False)
+        raise typer.Exit(2)
+    for src in hooks:
+        if src.allow_unauthenticated and not src.secret_env:
+            err.print(f"[yellow]warning[/]: {config}: source {src.name!r} accepts notifications without a secret "
+                      "(allow_unauthenticated: true) — for local testing only")
     url = settings.store_url
     upgrade(url)
     scheduler = feed_worker = None
@@ -67,7 +78,7 @@ def serve(
                   + (f", notifying {len(settings.routing.receivers)} receivers" if scheduler else ""))
     try:
         metrics = metrics_router(url, dependencies=[Depends(require(Permission.READ_ALERTS))])
-        forwarders += [SubscriptionForwarder(src) for src in settings.sources if isinstance(src, SubscriptionConfig)]
+        forwarders += [SubscriptionForwarder(src) for src in hooks]
         routers = [metrics, *(f.router() for f in forwarders)]
         json_logs = any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)
         uvicorn.run(create_app(url, extra_routers=routers, settings=settings), host=host, port=port,

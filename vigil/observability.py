@@ -27,6 +27,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from ingest.load import reason_category
+from ingest.subscription import DROPS, REFUSALS
 from vigil.store import (
     PCCP_CATEGORIES,
     SEVERITIES,
@@ -102,8 +103,23 @@ class IngestMetrics:
                          "committed offset, summed over partitions).", ["source"], registry=registry)
         self.watermark = Gauge("vigil_watermark_timestamp_seconds", "Feed time of the last processed event (the "
                                "label-join watermark), Unix seconds.", ["source"], registry=registry)
+        self.store_outages = Counter("vigil_store_outages", "Times `vigil run` found the store unavailable and "
+                                     "waited for it (each followed by a restart from the last stored batch).",
+                                     registry=registry)
+        self.store_outage_seconds = Counter("vigil_store_outage_seconds", "Seconds `vigil run` spent waiting for an "
+                                            "unavailable store.", registry=registry)
+        # the subscription webhook (ingest.subscription): refusals (4xx) and acknowledged entries that go nowhere
+        self.webhook_refused = Counter("vigil_webhook_refused", "Subscription notifications refused with a 4xx, by "
+                                       f"reason ({', '.join(REFUSALS)}).", ["reason"], registry=registry)
+        self.webhook_dropped = Counter("vigil_webhook_dropped", "Entries of acknowledged subscription notifications "
+                                       f"not forwarded (not dead letters: nothing was decoded), by reason "
+                                       f"({', '.join(DROPS)}).", ["reason"], registry=registry)
         for reason in DEAD_LETTER_VOCABULARY:  # every series exists from the start, so rate() sees the first one
             self.dead_letters.labels(reason)
+        for reason in REFUSALS:
+            self.webhook_refused.labels(reason)
+        for reason in DROPS:
+            self.webhook_dropped.labels(reason)
 
     def observe(self, source: str, *, accepted: int = 0, rejected: int = 0, ignored: int = 0,
                 duplicate: int = 0, dead_letter_reasons: Iterable[str] = ()) -> None:
@@ -227,6 +243,15 @@ class _Forward(Collector):
         return self._source.collect()
 
 
+_PROBLEM = {"application/json": {"schema": {"type": "object", "properties": {"detail": {"type": "string"}}}}}
+METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the Prometheus text exposition format", "content": {CONTENT_TYPE_LATEST: {}}},
+    401: {"description": "no valid bearer token (when mounted with the API's auth dependency)", "content": _PROBLEM},
+    403: {"description": "the token's role may not read alerts (alerts:read)", "content": _PROBLEM},
+}
+"""What ``GET /metrics`` answers under `vigil serve` (guarded by ``require(alerts:read)``), for the OpenAPI document."""
+
+
 def metrics_router(store_url: str | None = None, registry: CollectorRegistry | None = None,
                    dependencies: Sequence[Any] = ()) -> Any:
     """A FastAPI router serving ``GET /metrics`` in the Prometheus text format.
@@ -243,7 +268,7 @@ def metrics_router(store_url: str | None = None, registry: CollectorRegistry | N
     router = APIRouter(dependencies=list(dependencies))
 
     @router.get("/metrics", include_in_schema=True, summary="Prometheus metrics", tags=["observability"],
-                response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+                response_class=Response, responses=METRICS_RESPONSES)
     def metrics():
         return Response(generate_latest(reg), media_type=CONTENT_TYPE_LATEST)
 
@@ -257,6 +282,27 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"me
 #: Extra fields that could hold a resource or a patient's data: never written, only marked as withheld.
 REDACTED_FIELDS = frozenset({"payload", "body", "resource", "raw", "record", "data", "content", "subject", "patient",
                              "bundle", "message_value", "value"})
+
+
+RECORD_CONTENT_LOGGERS = {"kafka": logging.INFO}
+"""Third-party loggers that write message contents at DEBUG, pinned to a level above it whatever the root level.
+
+kafka-python (2.3.x) logs every record it sends at DEBUG (``kafka.producer.kafka``: "Sending (key=... value=...)")
+and the bytes of each request (``kafka.conn``); the subscription webhook (vigil/webhook.py) forwards raw notified
+resources, so ``--log-level-root debug`` would write whole Patients to the log. No identifier reaches the logs
+(DESIGN.md §Reliability and security; HIPAA Safe Harbor, 45 CFR 164.514(b)(2)). Found by
+scripts/reliability/identifiers.py (issue #9). Connection state and errors stay visible at INFO and above."""
+
+
+def pin_record_content_loggers() -> None:
+    """Set each ``RECORD_CONTENT_LOGGERS`` logger to its level; its child loggers (NOTSET) inherit it."""
+    for name, level in RECORD_CONTENT_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
+# at import: vigil.service, vigil.webhook and vigil.stages import this module before any Kafka client is built, and a
+# program that sets the root level itself (a test harness, an embedding service) never calls configure_json_logging
+pin_record_content_loggers()
 
 
 class JsonFormatter(logging.Formatter):
@@ -290,6 +336,7 @@ def configure_json_logging(level: int | str = logging.INFO, stream: Any = None) 
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level if isinstance(level, int) else level.upper())
+    pin_record_content_loggers()  # again: something since may have lowered them
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):  # uvicorn installs its own text handlers
         server_logger = logging.getLogger(name)
         server_logger.handlers.clear()

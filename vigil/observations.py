@@ -124,22 +124,33 @@ class Sequencer:
     upstream: set[str] = field(default_factory=set)  # every stage-1 partition; empty until one reports
     watermarks: dict[str, int] = field(default_factory=dict)  # source → nothing will come below this
     ended: set[str] = field(default_factory=set)
-    last_seq: dict[str, int] = field(default_factory=dict)  # source → highest sequence number taken
+    last_at: dict[str, int] = field(default_factory=dict)  # source → the latest ``at`` of an observation taken
+    keys_at_last: dict[str, set] = field(default_factory=dict)  # source → keys taken at that ``at``
     duplicates: int = 0
     _pending: list[tuple[tuple, str, int, Observation]] = field(default_factory=list)  # heap by key
 
     def push(self, source: str, numbered: list[tuple[int, Observation]]) -> None:
-        """Take a batch of ``source``'s observations with their ascending sequence numbers; ones already taken (a
-        stage-1 partition replayed after a crash sends them again) are duplicates."""
-        last = self.last_seq.get(source, -1)
+        """Take a batch of ``source``'s observations; ones already taken are duplicates.
+
+        A stage-1 partition replayed after a crash emits again what it emitted since its last stored state, with the
+        same keys (they depend on content only), but not necessarily in the same order or numbering (poll batches
+        differ). A source never emits below its watermark, so an observation below it was taken before; at the
+        latest instant taken, the keys taken there decide. The sequence numbers only name records in logs."""
         for i, obs in numbered:
-            if i <= last:
-                self.duplicates += 1
+            at = obs.at
+            last = self.last_at.get(source)
+            if last is not None and at <= last:
+                if at < last or obs.key in self.keys_at_last[source]:
+                    self.duplicates += 1
+                    continue
+                self.keys_at_last[source].add(obs.key)
+            elif at < self.watermarks.get(source, at):
+                self.duplicates += 1  # below what the source promised: sent before its last progress record
                 continue
+            else:
+                self.last_at[source], self.keys_at_last[source] = at, {obs.key}
             heapq.heappush(self._pending, (obs.key, source, i, obs))  # keys are unique; source, seq: never compared
-            last = i
-            self._raise(source, obs.at)
-        self.last_seq[source] = last
+            self._raise(source, at)
 
     def progress(self, source: str, watermark: int | None, upstream: list[str], end: bool = False) -> None:
         """``source`` will send nothing below ``watermark`` (``end``: nothing more); ``upstream`` (from progress

@@ -48,7 +48,7 @@ from monitors import metrics
 from ontology import cells
 from vigil.domain import ALL
 from vigil.settings import ModelConfig, Settings, SubgroupConfig
-from vigil.store import CaseRow, MetricPointRow
+from vigil.store import CaseRow, MetricPointRow, serialize
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def window_metrics(session: Session, settings: Settings, period_days: int = 30, 
     if as_of is not None and as_of.tzinfo is None:
         raise ValueError(f"as_of must be timezone-aware UTC, got the naive {as_of.isoformat()}")
     report = WindowReport()
+    serialize(session, "metric_points.window")  # replaced as a whole: two processes (stage 2) must not interleave
     for model in sorted(session.scalars(select(CaseRow.model).distinct())):
         config = settings.model(model)
         if config is None:
@@ -125,7 +126,8 @@ def load_cases(session: Session, model: str) -> pd.DataFrame:
 
     The attributes come as JSON text and only the distinct texts are parsed: a feed has a few hundred attribute
     combinations, not one per case, and parsing each row's JSON dominated the load time."""
-    rows = session.execute(select(*_COLUMNS).where(CaseRow.model == model)).all()
+    # ordered: float sums must not depend on the order the store happens to return rows in (deterministic replay)
+    rows = session.execute(select(*_COLUMNS).where(CaseRow.model == model).order_by(CaseRow.prediction_id)).all()
     frame = pd.DataFrame(rows, columns=["model_version", "site", "attributes", "predicted_at", "score", "label"])
     frame["predicted_at"] = pd.to_datetime(frame["predicted_at"], utc=True)
     frame["site"] = frame["site"].fillna(UNKNOWN_SITE)

@@ -593,4 +593,4 @@ def _identity(event: Prediction | Fact | FeedClock) -> tuple[str, str]:
 
 
 def _version_order(version: str) -> tuple[int, str]:
-    return (int(version), "") if version.isdigit() else (0, version)
+    return (int(version), "") if version.isdecimal() else (0, version)

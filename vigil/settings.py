@@ -19,6 +19,7 @@ from alerts.routing import RoutingConfig
 from ingest.bulk_export import BulkDirectorySourceConfig, BulkExportSourceConfig
 from ingest.kafka_source import KafkaSourceConfig
 from ingest.rest_poll import FhirHttpConfig, RestPollSourceConfig
+from vigil.store_outage import StoreRetry
 from ingest.subscription import SubscriptionConfig
 from vigil.ticket_feed import TicketFeedConfig
 
@@ -147,6 +148,7 @@ class Settings(BaseSettings):
     ticket_feed: TicketFeedConfig | None = Field(
         None, description="publish ticket events to a Kafka topic keyed by device and/or a signed webhook")
     stages: StagesConfig = StagesConfig()
+    store_retry: StoreRetry = Field(StoreRetry(), description="how `vigil run` waits out a store outage")
     terminology: TerminologyServerConfig | None = Field(
         None, description="a licensed FHIR terminology server asked for codes no local ConceptMap covers")
     concept_maps: list[Path] = Field(default_factory=list)
@@ -175,7 +177,7 @@ class Settings(BaseSettings):
         """Hash of what decides the results (models, outcomes, maps, subgroups, monitors, de-identification), not of
         where data comes from or goes: a pipeline checkpoint stays valid when a broker address or receiver changes."""
         blob = self.model_dump_json(exclude={"subject_key", "config_path", "sources", "routing", "store_url",
-                                            "ticket_feed", "stages"})
+                                            "ticket_feed", "stages", "store_retry"})
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -143,6 +143,8 @@ class StageWorker:
         for partition, batch in sorted(by_partition.items()):
             state = self.states.get(partition)
             if state is None:  # fetched just before a revocation: the new owner reads it
+                log.warning("vigil run --stage %s: %d messages of %s[%d] arrived without its state; not processed",
+                            self.stage, len(batch), *partition)
                 continue
             with cyclic_gc_paused():
                 if self.stage == "cases":
@@ -156,13 +158,12 @@ class StageWorker:
     def _cases(self, partition: Partition, state: Pipeline, batch: list[Message]) -> None:
         state.ingest(load_messages(batch, state.decoder))
         numbered = state.take_outbox()
-        by_model: dict[str, list] = defaultdict(list)
+        by_partition: dict[int, list] = defaultdict(list)  # in emission order: per destination, ``at`` never falls
         for seq, obs in numbered:
-            by_model[obs.model].append((seq, obs))
+            by_partition[self._partition_of(obs.model)].append((seq, obs))
         source = source_name(partition)
-        for model, rows in sorted(by_model.items()):
-            self._producer.send(self.settings.stages.cases_topic, encode_batch(source, rows), key=model.encode(),
-                                partition=self._partition_of(model))
+        for destination, rows in sorted(by_partition.items()):
+            self._producer.send(self.settings.stages.cases_topic, encode_batch(source, rows), partition=destination)
         self.report.published += len(numbered)
 
     def _monitor(self, partition: Partition, state: Pipeline, batch: list[Message]) -> None:
@@ -244,6 +245,8 @@ class StageWorker:
         for partition in list(self.states):
             if partition not in partitions and partition not in self._held():
                 del self.states[partition]  # revoked: its new owner restores it from the store
+        log.info("vigil run --stage %s: assigned %s; resuming at %s", self.stage,
+                 ", ".join(checkpoint_name(self.stage, p) for p in partitions), found)
         return found
 
     def _held(self) -> set[Partition]:
@@ -270,6 +273,7 @@ def _producer(config: KafkaSourceConfig) -> KafkaProducer:
     """Acknowledged by all in-sync replicas, one request in flight: a partition's records stay in order."""
     options = {"bootstrap_servers": config.bootstrap_servers, "client_id": f"{config.client_id}-cases",
                "acks": "all", "retries": 5, "max_in_flight_requests_per_connection": 1, "linger_ms": 5,
+               "compression_type": "gzip",  # observations are repetitive JSON: a fraction of the bytes on the wire
                **config.security}
     if config.api_version:
         options["api_version"] = tuple(int(x) for x in config.api_version.split("."))

@@ -17,6 +17,10 @@ read from that server (``ingest.id_only``, with ``catch_up_auth_env``) and forwa
 full-resource payload. A resource that cannot be read is forwarded as a fetch-failure OperationOutcome instead,
 which the pipeline's decoder stores as a dead letter with the reason; the notification is still acknowledged, so
 the stream goes on.
+
+Refused notifications (4xx) and acknowledged entries that go nowhere are logged and counted in this process's
+``vigil_webhook_refused_total{reason}`` / ``vigil_webhook_dropped_total{reason}`` (``vigil.observability``), which
+`vigil serve` exposes on ``/metrics``.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from ingest.subscription import (
     SubscriptionSource,
     subscription_router,
 )
+from vigil.observability import IngestMetrics, ingest_metrics
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +55,13 @@ class SubscriptionForwarder:
     """One configured subscription endpoint; ``router()`` is mounted into the API."""
 
     def __init__(self, config: SubscriptionConfig, producer: KafkaProducer | None = None,
-                 fetcher: IdOnlyFetcher | None = None):
+                 fetcher: IdOnlyFetcher | None = None, metrics: IngestMetrics | None = None):
         if not (config.forward_topic and config.forward_bootstrap_servers):
             raise ValueError(f"subscription {config.name!r}: set forward_bootstrap_servers and forward_topic — "
                              "`vigil serve` forwards notified resources to Kafka for `vigil run` to consume")
         self.config = config
-        self.source = SubscriptionSource(config)
+        self.metrics = metrics or ingest_metrics()
+        self.source = SubscriptionSource(config, on_dropped=self._dropped)
         self.producer = producer or KafkaProducer(bootstrap_servers=config.forward_bootstrap_servers, acks="all",
                                                   retries=3, linger_ms=0)
         self.forwarded = 0
@@ -69,7 +75,13 @@ class SubscriptionForwarder:
         self._catching_up: list[threading.Thread] = []
 
     def router(self) -> APIRouter:
-        return subscription_router(self.source, self._forward)
+        return subscription_router(self.source, self._forward, self._refused)
+
+    def _refused(self, code: str) -> None:
+        self.metrics.webhook_refused.labels(code).inc()
+
+    def _dropped(self, code: str, n: int) -> None:
+        self.metrics.webhook_dropped.labels(code).inc(n)
 
     def _forward(self, result: NotificationResult) -> None:
         self._send(result.subscription, self.source.poll(1_000_000, 0.0))  # what this notification queued
@@ -94,6 +106,7 @@ class SubscriptionForwarder:
             log.warning("%s: id-only notification naming %d resources, but no catch_up_base_url is set to read "
                         "them from: set it (and catch_up_auth_env) or have the server send full-resource payloads",
                         self.config.name, len(references))
+            self.source.count_dropped("id_only_unfetchable", len(references), "event-notification")
             return
         fetched = [self.fetcher.fetch(reference) for reference in references]
         self._send(subscription, [f.payload for f in fetched])
