@@ -219,6 +219,16 @@ class KafkaSource:
         self._pending = {key: offset for key, offset in self._next.items() if key in self._assigned}
         return Checkpoint(offsets=dict(self._pending))
 
+    @property
+    def assigned(self) -> set[Partition]:
+        """The partitions this consumer holds now."""
+        return set(self._assigned)
+
+    def topic_partitions(self) -> list[Partition]:
+        """Every partition of the subscribed topics (the whole group's input), as the brokers' metadata says."""
+        consumer = self._open()
+        return sorted((topic, p) for topic in self.config.topics for p in (consumer.partitions_for_topic(topic) or ()))
+
     def stored_offsets(self) -> dict[Partition, int | None]:
         """For each partition of the last ``checkpoint()``, the offset the store held when this consumer last read
         or wrote it (``None``: nothing stored). ``vigil.offsets.save_checkpoint(..., expected=...)`` refuses to

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from ingest import Source
+from ingest import Source, SubjectKeyer
 from ingest.bulk_export import BulkDirectorySource, BulkDirectorySourceConfig, BulkExportSource, BulkExportSourceConfig
 from ingest.kafka_source import KafkaSource, KafkaSourceConfig
 from ingest.rest_poll import RestPollSource, RestPollSourceConfig
@@ -31,5 +31,5 @@ def stream_sources(settings: Settings, factory: sessionmaker[Session]) -> list[S
         elif isinstance(cfg, BulkDirectorySourceConfig):
             built.append(BulkDirectorySource(cfg))
         elif isinstance(cfg, RestPollSourceConfig):
-            built.append(RestPollSource(cfg))
+            built.append(RestPollSource(cfg, keyer=SubjectKeyer(settings.subject_key)))  # cursor ids keyed
     return built

@@ -22,6 +22,7 @@ numbers it has already taken (``Sequencer``). Stage 2 itself resumes from its ow
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import defaultdict
@@ -43,6 +44,7 @@ from vigil.pipeline import Pipeline
 from vigil.service import store_and_checkpoint
 from vigil.settings import Settings
 from vigil.store import SourceOffsetRow, engine_for, upgrade
+from vigil.store_outage import describe, is_store_outage, store_name, wait_until_answering
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,7 @@ class StageReport:
     stage: str
     messages: int = 0
     commits: int = 0
+    outages: int = 0  # store outages waited out
     published: int = 0  # observations sent to the cases topic (stage 1)
     assigned: list[str] = field(default_factory=list)  # partitions held at the end
     restored: list[str] = field(default_factory=list)  # what each assignment found in the store
@@ -102,33 +105,64 @@ class StageWorker:
 
     def run(self, once: bool = False, stop: threading.Event | None = None) -> StageReport:
         """Consume until ``stop`` is set, or with ``once`` until the group's input is exhausted (stage 2: and every
-        stage-1 partition has said it ended)."""
+        stage-1 partition has said it ended).
+
+        A store outage is waited out as the service does (``vigil.store_outage``), then the worker starts again as a
+        restarted process would: it leaves the group with its in-memory state dropped (its partitions' last stored
+        state and offsets are where it, or whoever is assigned them, resumes)."""
         stop = stop or threading.Event()
         upgrade(self.settings.store_url)
         engine = engine_for(self.settings.store_url)
         self._factory = sessionmaker(engine, expire_on_commit=False)
+        rng, attempts = random.Random(), 0
+        try:
+            while True:
+                try:
+                    self._consume(once, stop)
+                    break
+                except Exception as exc:
+                    if not is_store_outage(exc):
+                        raise
+                    log.warning("vigil run --stage %s: the store %s is unavailable (%s); waiting for it, then "
+                                "resuming from its last stored state", self.stage,
+                                store_name(self.settings.store_url), describe(exc))
+                    self._close()
+                    self.report.outages += 1
+                    answered, tried = wait_until_answering(engine, self.settings.store_retry, stop, attempts, rng)
+                    attempts += tried
+                    if not answered:
+                        break
+        finally:
+            self._close()
+            engine.dispose()
+        return self.report
+
+    def _consume(self, once: bool, stop: threading.Event) -> None:
+        self.states.clear()
+        self._dirty.clear()
         self.source = KafkaSource(self.config, offsets_lookup=offsets.lookup_offsets(self._factory, self.config.name),
                                   on_revoke=self._commit, on_assign=self._assign)
         if self.stage == "cases":
             self._producer = _producer(self.config)
-        try:
-            dirty, last = False, time.monotonic()
-            while not stop.is_set():
-                got = self._poll_once()
-                dirty = dirty or got > 0
-                if dirty and (got == 0 or time.monotonic() - last >= self.commit_every):
-                    self._commit()
-                    dirty, last = False, time.monotonic()
-                if once and got == 0 and self._finished():
-                    break
-            self._commit(final=True)
-        finally:
-            self.source.close()
-            if self._producer is not None:
-                self._producer.close()
-            engine.dispose()
+        dirty, last = False, time.monotonic()
+        while not stop.is_set():
+            got = self._poll_once()
+            dirty = dirty or got > 0
+            if dirty and (got == 0 or time.monotonic() - last >= self.commit_every):
+                self._commit()
+                dirty, last = False, time.monotonic()
+            if once and got == 0 and self._finished():
+                break
+        self._commit(final=True)
         self.report.assigned = sorted(checkpoint_name(self.stage, p) for p in self.states)
-        return self.report
+
+    def _close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+            self.source = None
+        if self._producer is not None:
+            self._producer.close()
+            self._producer = None
 
     def _finished(self) -> bool:
         if not self.source.exhausted:
@@ -250,12 +284,10 @@ class StageWorker:
         return found
 
     def _held(self) -> set[Partition]:
-        return set(self.source._assigned) if self.source is not None else set()
+        return self.source.assigned if self.source is not None else set()
 
     def _upstream(self) -> list[str]:
-        consumer = self.source._consumer
-        return sorted(source_name((topic, p)) for topic in self.config.topics
-                      for p in (consumer.partitions_for_topic(topic) or ()))
+        return [source_name(p) for p in self.source.topic_partitions()]
 
     def _cases_partitions_now(self) -> list[int]:
         if not self._cases_partitions:
