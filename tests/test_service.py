@@ -11,6 +11,7 @@ rolled-back transaction, the same thing).
 from __future__ import annotations
 
 import random
+import tempfile
 from pathlib import Path
 
 import orjson
@@ -67,17 +68,24 @@ class FeedSource:
         pass
 
 
-@pytest.fixture(scope="module")
-def feed(tmp_path_factory) -> list[bytes]:
-    """The scanner-upgrade scenario as one stream in arrival order, plus two poison messages in the middle."""
-    out = tmp_path_factory.mktemp("feed")
-    simulate("scanner-upgrade", out, seed=5, days=110, change_day=50, volume=0.5)
-    resources = [orjson.loads(line) for path in sorted(out.glob("*.ndjson")) for line in path.read_bytes().splitlines()]
+def feed_payloads(scenario: str = "mapping-break", days: int = 30, change_day: int = 12, volume: float = 0.4,
+                  seed: int = 5) -> list[bytes]:
+    """A simulated feed as one stream in arrival order, with two poison messages in the middle (dead letters)."""
+    with tempfile.TemporaryDirectory() as out:
+        simulate(scenario, Path(out), seed=seed, days=days, change_day=change_day, volume=volume)
+        resources = [orjson.loads(line) for path in sorted(Path(out).glob("*.ndjson"))
+                     for line in path.read_bytes().splitlines()]
     resources.sort(key=lambda r: (r.get("meta", {}).get("lastUpdated", ""), r["resourceType"] == "RiskAssessment"))
     payloads = [orjson.dumps(r) for r in resources]
     middle = len(payloads) // 2
     payloads[middle:middle] = [b"{not json", b'{"resourceType": 7}']
     return payloads
+
+
+@pytest.fixture(scope="module")
+def feed() -> list[bytes]:
+    """The scanner-upgrade scenario as one stream in arrival order, plus two poison messages in the middle."""
+    return feed_payloads("scanner-upgrade", days=110, change_day=50, volume=0.5)
 
 
 def _outcome(url: str) -> dict:

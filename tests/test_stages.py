@@ -28,7 +28,7 @@ import yaml
 from kafka_mock import quick_mock_cluster  # noqa: F401  (fixture)
 from sqlalchemy import func, select
 
-from vigil.keyed_feed import feed_clock, partition_for, route, subject_of
+from vigil.keyed_feed import in_arrival_order, partition_for, route
 from vigil.observations import Observation, Sequencer, decode_record, encode_batch
 from vigil.persist import persist
 from vigil.pipeline import Pipeline
@@ -47,10 +47,9 @@ def resources(tmp_path_factory) -> list[dict]:
     """The scanner-upgrade scenario (alerts and a ticket) as one stream in arrival order."""
     out = tmp_path_factory.mktemp("feed")
     simulate("scanner-upgrade", out, seed=5, days=90, change_day=30, volume=0.4)
-    found = [orjson.loads(line) for path in sorted(out.glob("*.ndjson")) for line in path.read_bytes().splitlines()]
-    found.sort(key=lambda r: (subject_of(r) is not None, r.get("meta", {}).get("lastUpdated", ""),
-                              r["resourceType"] == "RiskAssessment"))
-    return [*found, feed_clock(found[-1]["meta"]["lastUpdated"])]  # the feed's end, on every partition
+    # in arrival order, ending with the feed clock of the last instant on every partition
+    return in_arrival_order(orjson.loads(line) for path in sorted(out.glob("*.ndjson"))
+                            for line in path.read_bytes().splitlines())
 
 
 @pytest.fixture(scope="module")
@@ -291,3 +290,36 @@ def test_two_processes_per_stage_one_killed_mid_run_end_with_the_single_process_
     for part in ("cases", "dead_letters", "streams", "points", "alerts", "tickets"):
         assert got[part] == want[part], part
     assert got["checkpoints"] == PARTITIONS + 4  # one per partition of each stage: fhir ×12, vigil.cases ×4
+
+
+def test_vigil_publish_lays_a_feed_out_by_patient_on_the_broker(quick_mock_cluster, tmp_path):
+    """`vigil publish` against the mock cluster: each patient's resources in the patient's partition, reference
+    data and the closing feed clock in every partition, in arrival order."""
+    from kafka import KafkaConsumer, TopicPartition
+    from typer.testing import CliRunner
+
+    from vigil.cli import app
+
+    feed = [{"resourceType": "Observation", "id": "o1", "subject": {"reference": "Patient/p1"},
+             "meta": {"lastUpdated": "2026-01-02T00:00:00Z"}},
+            {"resourceType": "Patient", "id": "p1", "meta": {"lastUpdated": "2026-01-01T00:00:00Z"}},
+            {"resourceType": "Device", "id": "d1", "meta": {"lastUpdated": "2026-01-03T00:00:00Z"}}]
+    (tmp_path / "feed.ndjson").write_bytes(b"\n".join(orjson.dumps(r) for r in feed))
+    quick_mock_cluster.create_topic("fhir.in", 3)
+    result = CliRunner().invoke(app, ["publish", str(tmp_path), "--bootstrap", quick_mock_cluster.bootstrap,
+                                      "--topic", "fhir.in", "--json"])
+    assert result.exit_code == 0, result.output
+    assert orjson.loads(result.output) == {"topic": "fhir.in", "resources": 3, "records": 2 + 3 + 3}
+    consumer = KafkaConsumer(bootstrap_servers=quick_mock_cluster.bootstrap, api_version=(2, 3),
+                             enable_auto_commit=False, group_id=None, consumer_timeout_ms=3000)
+    partitions = [TopicPartition("fhir.in", p) for p in range(3)]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    got: dict[int, list[str]] = defaultdict(list)
+    for record in consumer:
+        r = orjson.loads(record.value)
+        got[record.partition].append(r.get("id") or r["parameter"][0]["name"])
+    consumer.close()
+    home = partition_for("p1", 3)
+    assert got[home] == ["d1", "p1", "o1", "vigil-feed-clock"]
+    assert all(got[p] == ["d1", "vigil-feed-clock"] for p in range(3) if p != home)

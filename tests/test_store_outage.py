@@ -31,7 +31,7 @@ from kafka_mock import MockCluster, quick_mock_cluster  # noqa: F401  (fixture)
 from pydantic import ValidationError
 from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
-from test_service import FeedSource, _outcome
+from test_service import FeedSource, _outcome, feed_payloads
 
 from ingest.kafka_source import KafkaSource, KafkaSourceConfig, StoredOffsetsUnavailable
 from ingest.sources import Checkpoint
@@ -39,7 +39,6 @@ from vigil.observability import _process_registry
 from vigil.offsets import load_checkpoint, lookup_offsets, save_checkpoint
 from vigil.service import Service, ServiceReport
 from vigil.settings import Settings, load_settings
-from vigil.simulator import simulate
 from vigil.store import AuditRow, RunRow, engine_for, session_factory, upgrade
 from vigil.store_outage import (SourceCannotRewind, StoreRetry, StoreUnavailable, describe, is_store_outage,
                                 store_name, wait_until_answering)
@@ -96,20 +95,6 @@ class DedicatedPostgres:
             log = self.log.read_text() if self.log.exists() else ""
             raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}{done.stderr}\n"
                                f"server log {self.log}:\n{log[-2000:]}")
-
-
-def feed_payloads(scenario: str = "mapping-break", days: int = 30, change_day: int = 12, volume: float = 0.4,
-                  seed: int = 5) -> list[bytes]:
-    """A simulated feed as one stream in arrival order, with two poison messages in the middle (dead letters)."""
-    with tempfile.TemporaryDirectory() as out:
-        simulate(scenario, Path(out), seed=seed, days=days, change_day=change_day, volume=volume)
-        resources = [orjson.loads(line) for path in sorted(Path(out).glob("*.ndjson"))
-                     for line in path.read_bytes().splitlines()]
-    resources.sort(key=lambda r: (r.get("meta", {}).get("lastUpdated", ""), r["resourceType"] == "RiskAssessment"))
-    payloads = [orjson.dumps(r) for r in resources]
-    middle = len(payloads) // 2
-    payloads[middle:middle] = [b"{not json", b'{"resourceType": 7}']
-    return payloads
 
 
 def settings_for(url: str) -> Settings:

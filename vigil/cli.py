@@ -115,6 +115,38 @@ def _show_demo(summary: dict) -> None:
 
 
 @app.command()
+def publish(
+    paths: Annotated[list[Path], typer.Argument(help="NDJSON files or directories (e.g. from `vigil simulate`).")],
+    bootstrap: Annotated[str, typer.Option(help="Kafka brokers, host:port[,host:port].")] = "localhost:9092",
+    topic: Annotated[str, typer.Option(help="The FHIR topic stage 1 consumes.")] = "fhir.outcomes",
+    json: JsonOpt = False,
+) -> None:
+    """Send a FHIR feed to Kafka as stage 1 needs it: in arrival order, each resource in its patient's partition,
+    resources about no patient (Device, Organization) and the feed clock to every partition."""
+    import orjson
+
+    from vigil.keyed_feed import in_arrival_order
+    from vigil.keyed_feed import publish as send
+
+    files = [f for p in paths for f in (sorted(p.glob("*.ndjson")) if p.is_dir() else [p])]
+    if not files:
+        raise typer.BadParameter(f"no .ndjson files in {', '.join(map(str, paths))}", param_hint="PATHS")
+    resources = []
+    for f in files:
+        for n, line in enumerate(f.read_bytes().splitlines(), start=1):
+            if line.strip():
+                try:
+                    resources.append(orjson.loads(line))
+                except orjson.JSONDecodeError as exc:
+                    raise typer.BadParameter(f"{f}:{n}: not JSON ({exc})", param_hint="PATHS") from None
+    sent = send(in_arrival_order(resources), [b.strip() for b in bootstrap.split(",") if b.strip()], topic)
+    if json:
+        print_json({"topic": topic, "resources": len(resources), "records": sent})
+    else:
+        console.print(f"{len(resources)} resources as {sent} records to {topic}")
+
+
+@app.command()
 def simulate(
     scenario: Annotated[str, typer.Option(help="stable | scanner-upgrade | mapping-break | population-shift | "
                                                "subgroup-decay")],
@@ -290,7 +322,7 @@ def _run_stage(settings, stage: str, once: bool, commit_every: float, json: bool
     except KeyboardInterrupt:
         err.print("[yellow]stopped[/]: a restart resumes after the last stored batch")
         raise typer.Exit(130) from None
-    summary = {"stage": stage, "messages": report.messages, "commits": report.commits,
+    summary = {"stage": stage, "messages": report.messages, "commits": report.commits, "outages": report.outages,
                "published": report.published, "partitions": report.assigned, "restored": report.restored}
     if json:
         print_json(summary)

@@ -40,6 +40,33 @@ def feed_clock(time: datetime | str) -> dict:
     return {"resourceType": "Parameters", "parameter": [{"name": "vigil-feed-clock", "valueInstant": instant}]}
 
 
+def in_arrival_order(resources: Iterable[dict]) -> list[dict]:
+    """Reference data about no patient first, then by ``meta.lastUpdated`` (outcomes before predictions of the same
+    instant), and the feed clock of the last instant at the end: the order in which a feed is published."""
+    found = sorted(resources, key=lambda r: (subject_of(r) is not None, r.get("meta", {}).get("lastUpdated", ""),
+                                             r.get("resourceType") == "RiskAssessment"))
+    last = max((r.get("meta", {}).get("lastUpdated", "") for r in found), default="")
+    return [*found, feed_clock(last)] if last else found
+
+
+def publish(resources: list[dict], bootstrap: list[str], topic: str, security: dict | None = None) -> int:
+    """Send a feed to a Kafka topic laid out for stage 1 (``route``), each record acknowledged by all in-sync
+    replicas; returns how many records were sent."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, **(security or {}))
+    try:
+        partitions = len(producer.partitions_for(topic))
+        sent = 0
+        for partition, payload in route(resources, partitions):
+            producer.send(topic, payload, partition=partition)
+            sent += 1
+        producer.flush()
+        return sent
+    finally:
+        producer.close()
+
+
 def route(resources: Iterable[dict], partitions: int) -> Iterator[tuple[int, bytes]]:
     """``(partition, record)`` for every resource, in the given order: keyed by patient, or to every partition
     (reference data, and the feed clock)."""

@@ -32,7 +32,7 @@ import orjson  # noqa: E402
 import test_stages as staged  # noqa: E402  (feed layout, config, process start, store comparison)
 from kafka_mock import MockCluster  # noqa: E402
 
-from vigil.keyed_feed import feed_clock, route, subject_of  # noqa: E402
+from vigil.keyed_feed import in_arrival_order, route  # noqa: E402
 from vigil.persist import persist  # noqa: E402
 from vigil.pipeline import Pipeline  # noqa: E402
 from vigil.settings import load_settings  # noqa: E402
@@ -45,10 +45,8 @@ PARTS = ("cases", "dead_letters", "streams", "points", "alerts", "tickets")
 def feed(work: Path, days: int, volume: float, seed: int) -> list[dict]:
     out = work / "feed"
     simulate("scanner-upgrade", out, seed=seed, days=days, change_day=days // 3, volume=volume)
-    found = [orjson.loads(line) for path in sorted(out.glob("*.ndjson")) for line in path.read_bytes().splitlines()]
-    found.sort(key=lambda r: (subject_of(r) is not None, r.get("meta", {}).get("lastUpdated", ""),
-                              r["resourceType"] == "RiskAssessment"))
-    return [*found, feed_clock(found[-1]["meta"]["lastUpdated"])]
+    return in_arrival_order(orjson.loads(line) for path in sorted(out.glob("*.ndjson"))
+                            for line in path.read_bytes().splitlines())
 
 
 def campaign(kills: int, seed: int, days: int, volume: float, partitions: int, work: Path) -> dict:
@@ -63,7 +61,7 @@ def campaign(kills: int, seed: int, days: int, volume: float, partitions: int, w
     want = staged._outcome(reference_url)
     with contextlib.ExitStack() as stack:
         cluster_pg = stack.enter_context(contextlib.contextmanager(conftest.postgres_cluster.__wrapped__)())
-        url, _ = cluster_pg.create_database()
+        _, url = cluster_pg.create_database()
         upgrade(url)
         kafka = MockCluster(group_initial_rebalance_delay_ms=0)
         stack.callback(kafka.close)
@@ -74,18 +72,22 @@ def campaign(kills: int, seed: int, days: int, volume: float, partitions: int, w
         logs = {name: work / f"{name}.log" for name in ("cases-1", "cases-2", "monitor-1", "monitor-2")}
         procs = {name: staged._start(config, name.split("-")[0], log) for name, log in logs.items()}
         done: list[dict] = []
-        deadline = time.monotonic() + 900
+        deadline, last = time.monotonic() + 900, -1
         while len(done) < kills and time.monotonic() < deadline:
-            time.sleep(rng.uniform(1.0, 6.0))
+            time.sleep(rng.uniform(0.5, 3.0))
+            stored = staged._stored_offsets(url)
+            while stored <= last and time.monotonic() < deadline:  # spread the kills over the run: wait for progress
+                time.sleep(0.2)
+                stored = staged._stored_offsets(url)
             live = [n for n, p in procs.items() if p.poll() is None]
-            if not live:
+            if not live or stored >= len(records):
                 break
             name = rng.choice(live)
-            stored = staged._stored_offsets(url)
+            last = stored
             procs[name].send_signal(signal.SIGKILL)
             procs[name].wait()
             procs[name] = staged._start(config, name.split("-")[0], logs[name])
-            done.append({"process": name, "stage1_stored": stored, "of": len(records)})
+            done.append({"process": name, "stage1_stored": int(stored), "of": len(records)})
         codes = {}
         for name, proc in procs.items():
             try:
