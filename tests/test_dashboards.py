@@ -288,10 +288,12 @@ def test_dashboard_provider_reads_the_folder_compose_fills_with_built_json() -> 
 
 def test_compose_services_start_in_order_with_health_conditions_and_named_volumes() -> None:
     services = COMPOSE["services"]
-    assert {"kafka", "postgres", "grafana", "alertmanager", "vigil", "vigil-api"} <= set(services)
-    assert services["vigil"]["command"] == ["run", "--config", "/etc/vigil/vigil.yaml"]
+    assert {"kafka", "postgres", "grafana", "alertmanager", "vigil-cases", "vigil-monitor", "vigil-api"} <= set(services)
+    for stage in ("cases", "monitor"):
+        assert services[f"vigil-{stage}"]["command"] == ["run", "--config", "/etc/vigil/vigil.yaml", "--stage", stage]
     assert services["vigil-api"]["command"][0] == "serve"
-    assert all(services[s]["build"] == "." for s in ("vigil", "vigil-api", "migrate", "dashboards"))
+    assert all(services[s]["build"] == "." for s in ("vigil-cases", "vigil-monitor", "vigil-api", "migrate",
+                                                     "dashboards"))
     for name, service in services.items():
         for dependency, rule in service.get("depends_on", {}).items():
             assert rule["condition"] in ("service_healthy", "service_completed_successfully"), name

@@ -176,10 +176,10 @@ class StageWorker:
             by_partition[(message.position.source, message.position.partition)].append(message)
         for partition, batch in sorted(by_partition.items()):
             state = self.states.get(partition)
-            if state is None:  # fetched just before a revocation: the new owner reads it
-                log.warning("vigil run --stage %s: %d messages of %s[%d] arrived without its state; not processed",
-                            self.stage, len(batch), *partition)
-                continue
+            if state is None:  # the source hands out only assigned partitions, whose state _assign restored
+                raise RuntimeError(f"vigil run --stage {self.stage}: {len(batch)} messages of {partition[0]}"
+                                   f"[{partition[1]}] arrived without the partition's state; stopping before "
+                                   "anything past them is stored (restart: the stored offsets are where it resumes)")
             with cyclic_gc_paused():
                 if self.stage == "cases":
                     self._cases(partition, state, batch)
