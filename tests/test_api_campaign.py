@@ -16,15 +16,14 @@ Example counts scale with ``VIGIL_SLOW_SCALE`` (CI sets 0.2). No mock: real stor
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from script_module import load_script
 from fastapi import APIRouter, Depends
 from fastapi.testclient import TestClient
 
@@ -38,16 +37,7 @@ FUZZ_EXAMPLES = max(3, round(15 * SCALE))  # per operation, generation mode and 
 REFUSAL_EXAMPLES = max(1, round(5 * SCALE))  # generated requests per operation, each sent with 8 + refused-roles creds
 
 
-def _load_campaign() -> Any:
-    spec = importlib.util.spec_from_file_location("vigil_api_campaign", SCRIPT)
-    assert spec is not None and spec.loader is not None, f"cannot load {SCRIPT}"
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-campaign = _load_campaign()
+campaign = load_script(SCRIPT, "vigil_api_campaign")
 
 
 @pytest.fixture(scope="module")

@@ -1,3 +1,3 @@
 """vigil: post-market performance monitoring for AI medical devices (see DESIGN.md)."""
 
-__version__ = "0.2.0"  # also the checkpoint guard: bump when pickled state changes layout
+__version__ = "0.3.0"  # also the checkpoint guard: bump when pickled state changes layout

@@ -975,7 +975,9 @@ class Campaign:
             cluster.produce("fhir.feed", [(0, value) for value in records])
             self.inputs.append(("input: Kafka topic fhir.feed", b"\n".join(records)))
             self.say("streams: subscription webhook")
-            # subscription webhook of `vigil serve`: notifications forwarded to fhir.notified
+            # subscription webhook of `vigil serve`: notifications forwarded to fhir.notified (enough partitions for
+            # the whole feed: the mock broker keeps only ~5 MB per partition)
+            cluster.create_topic("fhir.notified", 16)
             responses = self._notify_webhook(cluster.bootstrap, url, parts["subscription-webhook"])
             self.outbound += responses
             forwarded = self._read_topic(KafkaConsumer, cluster.bootstrap, "fhir.notified",
